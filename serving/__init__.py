@@ -1,0 +1,1 @@
+"""Serving for streamrec: live recommendations from a model that refreshes itself."""

@@ -1,0 +1,54 @@
+"""Topic names and runtime settings shared by every streamrec component.
+
+Settings come from CLI flags, with ``STREAMREC_*`` environment variables as their defaults, so
+the same code runs locally, in the tests and in a deployment. ``KAFKA_BOOTSTRAP_SERVERS`` selects
+an existing cluster; when it is unset the CLI, tests and benchmarks start the local broker.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Topic names (contract, DESIGN.md "Kafka").
+EVENTS_TOPIC = "events"
+DLQ_TOPIC = "events.dlq"
+EXAMPLES_TOPIC = "examples"
+ANOMALIES_TOPIC = "anomalies"
+MODEL_UPDATES_TOPIC = "model.updates"
+ALL_TOPICS = (EVENTS_TOPIC, DLQ_TOPIC, EXAMPLES_TOPIC, ANOMALIES_TOPIC, MODEL_UPDATES_TOPIC)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def env(name: str, default: str) -> str:
+    """The value of ``STREAMREC_<name>``, or ``default``."""
+    return os.environ.get(f"STREAMREC_{name}", default)
+
+
+def env_float(name: str, default: float) -> float:
+    return float(env(name, str(default)))
+
+
+def env_int(name: str, default: int) -> int:
+    return int(env(name, str(default)))
+
+
+def state_dir() -> Path:
+    """Where local state lives (broker data, logs, model store): ``STREAMREC_HOME`` or ``.streamrec/``."""
+    return Path(env("HOME", str(PROJECT_ROOT / ".streamrec")))
+
+
+@dataclass
+class StreamSettings:
+    """Settings of the stream worker; every field has a ``STREAMREC_*`` variable as its default."""
+
+    bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
+    partitions: int = field(default_factory=lambda: env_int("PARTITIONS", 4))
+    log_dir: Path = field(default_factory=lambda: Path(env("LOG_DIR", str(state_dir() / "log"))))
+    dedupe_window_s: float = field(default_factory=lambda: env_float("DEDUPE_WINDOW_S", 24 * 3600.0))
+    attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 30 * 60.0))
+    batch_size: int = field(default_factory=lambda: env_int("BATCH_SIZE", 2000))
+    batch_timeout_s: float = field(default_factory=lambda: env_float("BATCH_TIMEOUT_S", 0.5))
+    flush_rows: int = field(default_factory=lambda: env_int("FLUSH_ROWS", 50_000))
+    flush_interval_s: float = field(default_factory=lambda: env_float("FLUSH_INTERVAL_S", 5.0))
