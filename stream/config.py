@@ -18,6 +18,41 @@ ANOMALIES_TOPIC = "anomalies"
 MODEL_UPDATES_TOPIC = "model.updates"
 ALL_TOPICS = (EVENTS_TOPIC, DLQ_TOPIC, EXAMPLES_TOPIC, ANOMALIES_TOPIC, MODEL_UPDATES_TOPIC)
 
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names one deployment uses: DESIGN.md's names, behind an optional namespace prefix.
+
+    The prefix (``STREAMREC_TOPIC_PREFIX``, empty by default) lets several deployments, or
+    several tests, share one cluster without sharing topics.
+    """
+
+    prefix: str = ""
+
+    @property
+    def events(self) -> str:
+        return self.prefix + EVENTS_TOPIC
+
+    @property
+    def dlq(self) -> str:
+        return self.prefix + DLQ_TOPIC
+
+    @property
+    def examples(self) -> str:
+        return self.prefix + EXAMPLES_TOPIC
+
+    @property
+    def anomalies(self) -> str:
+        return self.prefix + ANOMALIES_TOPIC
+
+    @property
+    def model_updates(self) -> str:
+        return self.prefix + MODEL_UPDATES_TOPIC
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(self.prefix + name for name in ALL_TOPICS)
+
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,10 +80,14 @@ class StreamSettings:
 
     bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
     partitions: int = field(default_factory=lambda: env_int("PARTITIONS", 4))
+    topic_prefix: str = field(default_factory=lambda: env("TOPIC_PREFIX", ""))
     log_dir: Path = field(default_factory=lambda: Path(env("LOG_DIR", str(state_dir() / "log"))))
-    dedupe_window_s: float = field(default_factory=lambda: env_float("DEDUPE_WINDOW_S", 24 * 3600.0))
+    dedupe_window_s: float = field(default_factory=lambda: env_float("DEDUPE_WINDOW_S", 3600.0))
     attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 30 * 60.0))
-    batch_size: int = field(default_factory=lambda: env_int("BATCH_SIZE", 2000))
-    batch_timeout_s: float = field(default_factory=lambda: env_float("BATCH_TIMEOUT_S", 0.5))
-    flush_rows: int = field(default_factory=lambda: env_int("FLUSH_ROWS", 50_000))
-    flush_interval_s: float = field(default_factory=lambda: env_float("FLUSH_INTERVAL_S", 5.0))
+    idle_grace_s: float = field(default_factory=lambda: env_float("IDLE_GRACE_S", 2.0))
+    # A batch closes at batch_size events or batch_timeout_s seconds; its rows are flushed to the
+    # log before its offsets are acknowledged, so these two are also the log's flush size and time.
+    batch_size: int = field(default_factory=lambda: env_int("BATCH_SIZE", 5000))
+    batch_timeout_s: float = field(default_factory=lambda: env_float("BATCH_TIMEOUT_S", 1.0))
+    web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
+    web_port: int = field(default_factory=lambda: env_int("WORKER_WEB_PORT", 6066))

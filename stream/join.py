@@ -1,0 +1,156 @@
+"""Joins clicks to the impression slate they came from and turns both into labelled examples.
+
+A slate (one impression event) stays open for ``window_s`` seconds of event time after it was
+shown. A click with the slate's ``request_id`` on a shown item within the window makes that item
+a positive example at once; when the window closes, every shown item nobody clicked becomes a
+negative. Position and propensity come from the impression, so every example says where the item
+was shown and with what probability: what the learner and the evaluation need to correct for
+display bias.
+
+Event time drives the windows: the watermark is the newest event timestamp seen, so replayed
+history joins exactly as it did live. Clicks that cannot be joined are not examples:
+
+- ``orphan_click``: no impression with that ``request_id`` is known;
+- ``late_click``: the click came more than ``window_s`` after the impression, or after its
+  window closed (its item was, or will be, a negative);
+- ``item_not_shown``: the impression exists but did not show the clicked item;
+- ``duplicate_click``: the item of that slate was already clicked.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Iterable
+
+MATCHED = "matched"
+ORPHAN = "orphan_click"
+LATE = "late_click"
+NOT_SHOWN = "item_not_shown"
+DUPLICATE = "duplicate_click"
+
+
+def ips_weight(propensity: float, max_weight: float) -> float:
+    """Inverse propensity, clipped at ``max_weight`` to bound the variance."""
+    return min(1.0 / propensity, max_weight)
+
+
+@dataclass
+class _Slate:
+    impression: dict
+    items: dict[str, dict]
+    clicked: set[str] = field(default_factory=set)
+
+
+class ImpressionJoiner:
+    """Open slates keyed by ``request_id``, closed by the event-time watermark.
+
+    Parameters:
+        window_s: the attribution window in seconds of event time (default 30 minutes).
+        max_weight: clip of the inverse-propensity weight an example carries.
+
+    >>> j = ImpressionJoiner(window_s=60)
+    >>> imp = {"event_id": "e1", "type": "impression", "user_id": "u", "ts": 0.0, "request_id": "r",
+    ...        "model_version": "m1", "policy": "greedy",
+    ...        "items": [{"item_id": "a", "position": 1, "propensity": 1.0},
+    ...                  {"item_id": "b", "position": 2, "propensity": 0.5}]}
+    >>> j.on_impression(imp)
+    >>> outcome, ex = j.on_click({"event_id": "e2", "type": "click", "user_id": "u", "ts": 5.0,
+    ...                           "request_id": "r", "item_id": "b"})
+    >>> outcome, ex["label"], ex["position"], ex["weight"]
+    ('matched', 1.0, 2, 2.0)
+    >>> [(e["item_id"], e["label"]) for e in j.advance(61.0)]
+    [('a', 0.0)]
+    """
+
+    def __init__(self, window_s: float = 1800.0, max_weight: float = 50.0) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be positive, got {window_s!r}")
+        self.window_s = window_s
+        self.max_weight = max_weight
+        self.watermark = float("-inf")
+        self._open: dict[str, _Slate] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._closed: dict[str, float] = {}
+        self._closed_order: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def on_impression(self, impression: dict) -> None:
+        """Open the slate of an impression (a repeated request_id keeps the first slate)."""
+        request_id = impression["request_id"]
+        if request_id in self._open or request_id in self._closed:
+            return
+        items = {item["item_id"]: item for item in impression["items"]}
+        self._open[request_id] = _Slate(impression, items)
+        heapq.heappush(self._deadlines, (impression["ts"] + self.window_s, request_id))
+
+    def on_click(self, click: dict) -> tuple[str, dict | None]:
+        """Join a click: (outcome, positive example or None)."""
+        request_id = click["request_id"]
+        slate = self._open.get(request_id)
+        if slate is None:
+            return (LATE if request_id in self._closed else ORPHAN), None
+        item = slate.items.get(click["item_id"])
+        if item is None:
+            return NOT_SHOWN, None
+        if click["ts"] - slate.impression["ts"] > self.window_s:
+            return LATE, None
+        if click["item_id"] in slate.clicked:
+            return DUPLICATE, None
+        slate.clicked.add(click["item_id"])
+        return MATCHED, self._example(slate.impression, item, 1.0, click["ts"], click["event_id"])
+
+    def advance(self, watermark: float) -> list[dict]:
+        """Move event time to ``watermark``; return the negatives of every slate whose window closed."""
+        if watermark > self.watermark:
+            self.watermark = watermark
+        negatives = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] < self.watermark:
+            close_at, request_id = heapq.heappop(deadlines)
+            slate = self._open.pop(request_id)
+            imp = slate.impression
+            for item_id, item in slate.items.items():
+                if item_id not in slate.clicked:
+                    negatives.append(self._example(imp, item, 0.0, imp["ts"], imp["event_id"]))
+            self._closed[request_id] = close_at
+            heapq.heappush(self._closed_order, (close_at, request_id))
+        self._forget_closed()
+        return negatives
+
+    def restore(self, impressions: Iterable[dict], clicked: Iterable[tuple[str, str]], watermark: float) -> None:
+        """Rebuild the open slates after a restart: impressions still open at ``watermark`` and the
+        (request_id, item_id) pairs already clicked (their positives were emitted before)."""
+        for impression in impressions:
+            self.on_impression(impression)
+        for request_id, item_id in clicked:
+            slate = self._open.get(request_id)
+            if slate is not None and item_id in slate.items:
+                slate.clicked.add(item_id)
+        self.watermark = max(self.watermark, watermark)
+
+    def _forget_closed(self) -> None:
+        # A closed slate is remembered for one more window so that its late clicks are told from orphans.
+        horizon = self.watermark - self.window_s
+        order = self._closed_order
+        while order and order[0][0] < horizon:
+            _, request_id = heapq.heappop(order)
+            self._closed.pop(request_id, None)
+
+    def _example(self, imp: dict, item: dict, label: float, ts: float, event_id: str) -> dict:
+        return {
+            "user_id": imp["user_id"],
+            "item_id": item["item_id"],
+            "label": label,
+            "position": item["position"],
+            "propensity": item["propensity"],
+            "weight": ips_weight(item["propensity"], self.max_weight),
+            "model_version": imp["model_version"],
+            "request_id": imp["request_id"],
+            "ts": ts,
+            "kind": "click",
+            "anomalous": False,
+            "policy": imp["policy"],
+            "event_id": event_id,
+        }

@@ -1,0 +1,228 @@
+"""The ingest logic of the stream worker, free of Faust and Kafka so that it can be tested directly.
+
+One call of ``IngestPipeline.process`` takes a batch of raw Kafka records and decides, for each:
+dead-letter it (with a reason), drop it as a duplicate, or accept it, log it and feed the join;
+then it advances event time, scores traffic for anomalies and returns everything the worker must
+send and write. The Faust agent (``stream.app``) does the I/O around it.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import pandas as pd
+
+from stream import metrics
+from stream.dedupe import DedupeWindow
+from stream.eventlog import EVENTS, EXAMPLES, ParquetLog, event_rows
+from stream.events import InvalidEvent, decode
+from stream.join import MATCHED, ImpressionJoiner
+
+
+class AnomalyDetector(Protocol):
+    """What the pipeline needs of an anomaly detector (``stream.anomaly``)."""
+
+    def observe_batch(self, events: Sequence[dict]) -> list[dict]: ...
+
+    def is_flagged(self, user_id: str) -> bool: ...
+
+
+@dataclass
+class Record:
+    """One Kafka message as the worker received it."""
+
+    value: bytes | None
+    partition: int
+    offset: int
+    key: bytes | None = None
+    topic: str = ""
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: rows to log, messages to send, counts for the logs."""
+
+    log_rows: list[dict] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+    dlq: list[tuple[bytes | None, dict]] = field(default_factory=list)
+    anomalies: list[dict] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    join_outcomes: Counter = field(default_factory=Counter)
+
+
+def dlq_message(record: Record, error: InvalidEvent) -> dict:
+    """The dead-letter record: reason, detail, the raw bytes (base64) and where they came from."""
+    raw = record.value if record.value is not None else b""
+    return {
+        "reason": error.reason,
+        "detail": error.detail[:2000],
+        "raw": base64.b64encode(raw).decode("ascii"),
+        "raw_encoding": "base64",
+        "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+        "dlq_ts": time.time(),
+    }
+
+
+def rating_example(event: dict) -> dict:
+    """A rating is an example as it stands: label = the rating, no position, propensity 1."""
+    return {
+        "user_id": event["user_id"],
+        "item_id": event["item_id"],
+        "label": float(event["value"]),
+        "position": None,
+        "propensity": 1.0,
+        "weight": 1.0,
+        "model_version": None,
+        "request_id": None,
+        "ts": float(event["ts"]),
+        "kind": "rating",
+        "anomalous": False,
+        "policy": None,
+        "event_id": event["event_id"],
+    }
+
+
+class IngestPipeline:
+    """Validate, deduplicate, log, join and score one batch of raw events at a time.
+
+    Parameters:
+        dedupe_window_s: how long (event time) an event_id is remembered.
+        attribution_window_s: how long a slate waits for clicks before its negatives are emitted.
+        detector: optional anomaly detector; examples of users it flags are marked ``anomalous``.
+        idle_grace_s: after this long without events, event time follows the wall clock so that
+            the last slates of a quiet stream still close.
+        max_weight: clip of the inverse-propensity weight on click examples.
+    """
+
+    def __init__(
+        self,
+        dedupe_window_s: float = 3600.0,
+        attribution_window_s: float = 1800.0,
+        detector: AnomalyDetector | None = None,
+        idle_grace_s: float = 2.0,
+        max_weight: float = 50.0,
+    ) -> None:
+        self.dedupe = DedupeWindow(dedupe_window_s)
+        self.joiner = ImpressionJoiner(attribution_window_s, max_weight)
+        self.detector = detector
+        self.idle_grace_s = idle_grace_s
+        self._last_event_ts = float("-inf")
+        self._last_batch_wall = time.monotonic()
+
+    def process(self, records: Sequence[Record]) -> BatchResult:
+        out = BatchResult()
+        accepted: list[dict] = []
+        examples = out.examples
+        for record in records:
+            try:
+                event = decode(record.value)
+            except InvalidEvent as err:
+                out.dlq.append((record.key, dlq_message(record, err)))
+                metrics.DLQ.labels(err.reason).inc()
+                continue
+            if not self.dedupe.add(event["event_id"], event["ts"]):
+                out.duplicates += 1
+                continue
+            accepted.append(event)
+            out.log_rows.extend(event_rows(event, record.partition, record.offset))
+            kind = event["type"]
+            if kind == "impression":
+                self.joiner.on_impression(event)
+            elif kind == "click":
+                outcome, example = self.joiner.on_click(event)
+                out.join_outcomes[outcome] += 1
+                if example is not None:
+                    examples.append(example)
+                elif outcome != MATCHED:
+                    metrics.UNJOINED_CLICKS.labels(outcome).inc()
+            else:
+                examples.append(rating_example(event))
+        out.accepted = len(accepted)
+        if accepted:
+            self._last_event_ts = max(self._last_event_ts, max(e["ts"] for e in accepted))
+            self._last_batch_wall = time.monotonic()
+            examples.extend(self.joiner.advance(self._last_event_ts))
+            for event in accepted:
+                metrics.EVENTS.labels(event["type"]).inc()
+        if out.duplicates:
+            metrics.DUPLICATES.inc(out.duplicates)
+        if self.detector is not None and accepted:
+            out.anomalies = self.detector.observe_batch(accepted)
+        self._finish_examples(examples)
+        return out
+
+    def tick(self) -> BatchResult:
+        """Close slates by wall time when the stream has been idle for ``idle_grace_s``."""
+        out = BatchResult()
+        idle = time.monotonic() - self._last_batch_wall
+        if len(self.joiner) and idle >= self.idle_grace_s and self._last_event_ts > float("-inf"):
+            out.examples = self.joiner.advance(self._last_event_ts + idle)
+            self._finish_examples(out.examples)
+        return out
+
+    def _finish_examples(self, examples: list[dict]) -> None:
+        detector = self.detector
+        for example in examples:
+            if detector is not None and detector.is_flagged(example["user_id"]):
+                example["anomalous"] = True
+                metrics.SKIPPED_ANOMALOUS.inc()
+            metrics.EXAMPLES.labels(example["kind"], _label_name(example)).inc()
+
+    def restore(self, log: ParquetLog) -> dict:
+        """Rebuild the dedupe window and the open slates from the log after a (re)start.
+
+        The log holds exactly the events whose offsets may have been committed, so ids seen there
+        are duplicates when Kafka delivers them again, and impressions still inside their window
+        wait for clicks as if the worker had never stopped.
+        """
+        files = log.files(EVENTS)
+        if not files:
+            return {"events": 0, "open_slates": 0}
+        newest = log.read(EVENTS, since_ts=_newest_hour_start(log), columns=["ts"])["ts"].max()
+        horizon = max(self.dedupe.window_s, self.joiner.window_s)
+        rows = log.read(EVENTS, since_ts=newest - horizon)
+        ids = rows.drop_duplicates("event_id")
+        self.dedupe.seed(zip(ids["event_id"], ids["ts"]))
+        open_rows = rows[(rows["type"] == "impression") & (rows["ts"] >= newest - self.joiner.window_s)]
+        impressions = [_impression_from_rows(group) for _, group in open_rows.groupby("event_id", sort=False)]
+        impressions.sort(key=lambda imp: imp["ts"])
+        positives = log.read(EXAMPLES, since_ts=newest - 2 * self.joiner.window_s,
+                             columns=["request_id", "item_id", "label", "kind"])
+        positives = positives[(positives["kind"] == "click") & (positives["label"] > 0)]
+        self.joiner.restore(impressions, zip(positives["request_id"], positives["item_id"]), newest)
+        self._last_event_ts = float(newest)
+        return {"events": len(ids), "open_slates": len(self.joiner)}
+
+
+def _label_name(example: dict) -> str:
+    if example["kind"] == "rating":
+        return "rating"
+    return "positive" if example["label"] > 0 else "negative"
+
+
+def _newest_hour_start(log: ParquetLog) -> float:
+    newest_file = log.files(EVENTS)[-1]
+    date = newest_file.parent.parent.name.split("=", 1)[1]
+    hour = int(newest_file.parent.name.split("=", 1)[1])
+    return pd.Timestamp(f"{date} {hour:02d}:00", tz="UTC").timestamp()
+
+
+def _impression_from_rows(group: pd.DataFrame) -> dict:
+    first = group.iloc[0]
+    return {
+        "event_id": first["event_id"],
+        "type": "impression",
+        "user_id": first["user_id"],
+        "ts": float(first["ts"]),
+        "request_id": first["request_id"],
+        "model_version": first["model_version"],
+        "policy": first["policy"],
+        "items": [
+            {"item_id": row.item_id, "position": int(row.position), "propensity": float(row.propensity)}
+            for row in group.itertuples()
+        ],
+    }

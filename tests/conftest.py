@@ -1,0 +1,45 @@
+"""Shared fixtures: the real Kafka broker for integration tests, and the shared datasets.
+
+When ``KAFKA_BOOTSTRAP_SERVERS`` is set the tests use that cluster; otherwise one local KRaft
+broker is started for the whole session (``stream.kafka_local``) and stopped at the end.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stream import kafka_local
+
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Bootstrap servers of a real broker: the one named by KAFKA_BOOTSTRAP_SERVERS, or a local one."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    home = tmp_path_factory.mktemp("kafka")
+    broker = kafka_local.start(home=home, partitions=2)
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        kafka_local.stop(home)
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """A fresh suffix so that tests sharing the broker never share topics or consumer groups."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; tests that need it skip with a clear message when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA} (clone the project next to ../shared)")
+    return SHARED_DATA
