@@ -11,6 +11,7 @@ the same broker binaries that run in production.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -67,7 +68,8 @@ def default_home() -> Path:
 
 def ensure_jars(quiet: bool = True) -> Path:
     """Resolve the broker's jars from Maven Central into ``.kafka/lib`` unless already there."""
-    if _LIB_STAMP.exists():
+    pom_sum = hashlib.sha256(POM.read_bytes()).hexdigest()
+    if _LIB_STAMP.exists() and _LIB_STAMP.read_text().strip() == pom_sum:
         return LIB_DIR
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -75,6 +77,7 @@ def ensure_jars(quiet: bool = True) -> Path:
     if shutil.which("java") is None:
         raise KafkaLauncherError("Java ('java', version 17) is not on PATH; the local broker runs on it.")
     log.info("resolving Apache Kafka jars from Maven Central into %s (once)", LIB_DIR)
+    shutil.rmtree(LIB_DIR, ignore_errors=True)  # no stale jars from an older pom on the classpath
     cmd = [mvn, "-B", "-f", str(POM), "dependency:copy-dependencies"]
     if quiet:
         cmd.insert(1, "-q")
@@ -83,7 +86,7 @@ def ensure_jars(quiet: bool = True) -> Path:
         raise KafkaLauncherError(
             "Maven could not resolve the Kafka jars:\n" + (result.stdout + result.stderr)[-4000:]
         )
-    _LIB_STAMP.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _LIB_STAMP.write_text(pom_sum)
     return LIB_DIR
 
 

@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine (Python 3.11, Java 17 and Maven installed):
+#   make demo   set up, start the local Kafka broker, run the pipeline and report
+#   make test   set up and run the test suite against a real broker
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+JARS   := .kafka/lib/.resolved
+
+.PHONY: setup demo test bench clean kafka-stop
+
+setup: $(STAMP) $(JARS)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	$(PY) -m pip install --quiet --progress-bar off -e '.[dev,bench]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+$(JARS): compose/kafka/pom.xml $(STAMP)
+	$(PY) -c "from stream.kafka_local import ensure_jars; ensure_jars(quiet=True)"
+
+demo: setup
+	$(VENV)/bin/streamrec demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	for b in ingest learner rcf; do $(PY) -m bench.$$b --quick || exit 1; done
+
+kafka-stop:
+	-$(VENV)/bin/streamrec kafka stop
+
+clean: kafka-stop
+	rm -rf $(VENV) .kafka .streamrec runs

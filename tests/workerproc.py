@@ -1,0 +1,87 @@
+"""Runs ``streamrec worker`` as a real subprocess for integration tests (so it can be SIGKILLed)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from kafka import KafkaConsumer
+
+from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
+
+
+class WorkerProcess:
+    """One ``streamrec worker`` process on its own topic prefix, log folder and state folder."""
+
+    def __init__(self, bootstrap: str, prefix: str, root: Path, *extra: str) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.root = root
+        self.log_dir = root / "log"
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self.log = ParquetLog(self.log_dir)
+        self.runs = 0
+
+    def start(self) -> "WorkerProcess":
+        self.runs += 1
+        out = open(self.root / f"worker-{self.runs}.log", "wb")
+        env = dict(os.environ, STREAMREC_HOME=str(self.root / "home"), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
+             "--topic-prefix", self.prefix, "--log-dir", str(self.log_dir), "--web-port", "0",
+             "--partitions", "2", "--batch-timeout-s", "0.2", "--no-anomaly", *self.extra],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return "\n".join((self.root / f"worker-{i}.log").read_text(errors="replace")
+                         for i in range(1, self.runs + 1))
+
+    def logged_events(self):
+        return self.log.read(EVENTS)
+
+    def logged_examples(self):
+        return self.log.read(EXAMPLES)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, worker: WorkerProcess | None = None) -> None:
+    """Poll ``predicate`` until true; fail with the worker's output when it does not come true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if worker is not None and worker.proc is not None and not worker.alive():
+            raise AssertionError(f"the worker exited while waiting for {what}:\n{worker.output()[-5000:]}")
+        time.sleep(0.3)
+    tail = worker.output()[-5000:] if worker is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[dict]:
+    """Read JSON messages from the start of ``topic`` until ``expected`` arrived (or the timeout)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=1000)
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            for message in consumer:
+                out.append(json.loads(message.value))
+    finally:
+        consumer.close()
+    return out
