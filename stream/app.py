@@ -28,8 +28,11 @@ from stream.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
 log = logging.getLogger(__name__)
 
 
+_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _json_bytes(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _encode_json(obj).encode("utf-8")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import os
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -103,8 +104,9 @@ def event_rows(event: dict, partition: int | None = None, offset: int | None = N
     return rows
 
 
-def _hour_key(ts: float) -> tuple[str, str]:
-    t = datetime.fromtimestamp(ts, tz=timezone.utc)
+@lru_cache(maxsize=4096)
+def _hour_folder(hour_bucket: int) -> tuple[str, str]:
+    t = datetime.fromtimestamp(hour_bucket * 3600, tz=timezone.utc)
     return t.strftime("%Y-%m-%d"), t.strftime("%H")
 
 
@@ -122,15 +124,16 @@ class ParquetLog:
         if not rows:
             return []
         schema = SCHEMAS[dataset]
-        by_hour: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        by_hour: dict[int, list[dict]] = defaultdict(list)
         for row in rows:
-            by_hour[_hour_key(row["ts"])].append(row)
+            by_hour[int(row["ts"] // 3600)].append(row)
         written = []
-        for (date, hour), part in sorted(by_hour.items()):
+        for bucket, part in sorted(by_hour.items()):
+            date, hour = _hour_folder(bucket)
             folder = self.root / dataset / f"date={date}" / f"hour={hour}"
             folder.mkdir(parents=True, exist_ok=True)
             name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
-            table = pa.Table.from_pylist(part, schema=schema)
+            table = pa.Table.from_pydict({name: [row[name] for row in part] for name in schema.names}, schema=schema)
             tmp = folder / f".{name}.tmp"
             pq.write_table(table, tmp)
             os.replace(tmp, folder / name)
@@ -160,8 +163,8 @@ class ParquetLog:
         files = self.files(dataset, since_ts)
         if not files:
             return schema.empty_table().select(cols).to_pandas()
-        tables = [pq.read_table(f, columns=cols) for f in files]
-        df = pa.concat_tables(tables).to_pandas()
-        if since_ts is not None and "ts" in df:
+        read_cols = cols if since_ts is None or "ts" in cols else [*cols, "ts"]
+        df = pa.concat_tables([pq.read_table(f, columns=read_cols) for f in files]).to_pandas()
+        if since_ts is not None:
             df = df[df["ts"] >= since_ts].reset_index(drop=True)
-        return df
+        return df[cols]

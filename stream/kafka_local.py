@@ -19,10 +19,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from stream.config import PROJECT_ROOT, state_dir
 
@@ -275,3 +278,22 @@ def _tail(path: str, lines: int = 30) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+@contextmanager
+def broker_for_run(home: Path | None = None, partitions: int = 4) -> Iterator[str]:
+    """Bootstrap servers for a test session or a benchmark: ``KAFKA_BOOTSTRAP_SERVERS`` when set,
+    else a broker started in a temporary folder for the duration of the ``with`` block."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    own_home = home is None
+    home = home or Path(tempfile.mkdtemp(prefix="streamrec-kafka-"))
+    broker = start(home=home, partitions=partitions)
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        stop(home)
+        if own_home:
+            shutil.rmtree(home, ignore_errors=True)

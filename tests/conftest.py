@@ -5,7 +5,6 @@ broker is started for the whole session (``stream.kafka_local``) and stopped at 
 """
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -19,16 +18,8 @@ SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").r
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Bootstrap servers of a real broker: the one named by KAFKA_BOOTSTRAP_SERVERS, or a local one."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
-        return
-    home = tmp_path_factory.mktemp("kafka")
-    broker = kafka_local.start(home=home, partitions=2)
-    try:
-        yield broker.bootstrap_servers
-    finally:
-        kafka_local.stop(home)
+    with kafka_local.broker_for_run(home=tmp_path_factory.mktemp("kafka"), partitions=2) as bootstrap:
+        yield bootstrap
 
 
 @pytest.fixture

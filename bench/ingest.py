@@ -1,0 +1,163 @@
+"""Ingest throughput: the full Faust pipeline against a raw aiokafka consumer on the same topic.
+
+Produces N events (a realistic mix from ``stream.sources.synthetic_events``) into the broker, then
+measures in the same run:
+
+- ``raw``: an aiokafka consumer that only fetches and ``json.loads`` every message;
+- ``pipeline``: ``streamrec worker`` (Faust: validate, dedupe, Parquet log, click join, sends to
+  ``examples``), timed from its first accepted event to its N-th through its /metrics counter.
+
+Both start with the data already in Kafka, so both are measured at full speed. The figure that
+matters is ``ratio`` = pipeline / raw: the machine is shared and noisy, the ratio much less so.
+
+    python -m bench.ingest            # 200,000 events
+    python -m bench.ingest --quick    # 30,000 events
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.common import emit
+from stream.config import Topics
+from stream.kafka_local import broker_for_run, free_port
+from stream.producer import EventProducer
+from stream.sources import synthetic_events
+from stream.topics import ensure_topics
+
+
+def produce(bootstrap: str, topic: str, n: int, seed: int) -> float:
+    """Send n synthetic events; return the producer's events per second."""
+    started = time.perf_counter()
+    with EventProducer(bootstrap, topic=topic) as producer:
+        for event in tqdm(synthetic_events(n, n_users=5000, n_items=2000, seed=seed), total=n,
+                          desc="produce", unit="ev", file=sys.stderr, mininterval=1.0):
+            producer.send(event)
+    return n / (time.perf_counter() - started)
+
+
+async def _raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        seen = 0
+        first = None
+        loads = json.loads
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for records in batches.values():
+                if first is None:
+                    first = time.perf_counter()
+                for record in records:
+                    loads(record.value)
+                seen += len(records)
+        return n / (time.perf_counter() - first)
+    finally:
+        await consumer.stop()
+
+
+def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    """Events per second of a raw aiokafka consumer that only decodes JSON."""
+    return asyncio.run(_raw_consume(bootstrap, topic, n))
+
+
+def _events_total(port: int) -> float:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith("streamrec_events_total{") or line.startswith("streamrec_duplicates_total "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool, timeout_s: float) -> tuple[float, float]:
+    """Run ``streamrec worker`` over the topic; return (events per second, the worker's peak RSS in MB)."""
+    port = free_port()
+    env = dict(os.environ, STREAMREC_HOME=str(workdir / "home"))
+    cmd = [sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
+           "--topic-prefix", prefix, "--log-dir", str(workdir / "log"), "--web-port", str(port)]
+    if not anomaly:
+        cmd.append("--no-anomaly")
+    with open(workdir / "worker.log", "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        first_t = first_n = None
+        deadline = time.monotonic() + timeout_s
+        bar = tqdm(total=n, desc="pipeline", unit="ev", file=sys.stderr, mininterval=1.0)
+        done = 0.0
+        while done < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the worker stopped or stalled; see " + str(workdir / "worker.log"))
+            done = _events_total(port)
+            bar.update(done - bar.n)
+            if done > 0 and first_t is None:
+                first_t, first_n = time.perf_counter(), done
+            time.sleep(0.05)
+        bar.close()
+        rate = (n - first_n) / (time.perf_counter() - first_t)
+        peak_kb = 0
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kb = int(line.split()[1])
+        return rate, peak_kb / 1024
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000, help="events to produce (default 200000)")
+    parser.add_argument("--quick", action="store_true", help="30,000 events: ends within a minute or two")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of the events topic (default 4)")
+    parser.add_argument("--anomaly", action="store_true", help="include the anomaly agent in the pipeline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic events (default 0)")
+    parser.add_argument("--timeout", type=float, default=1200, help="give up on the pipeline after this many seconds")
+    args = parser.parse_args(argv)
+    n = 30_000 if args.quick else args.events
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    with broker_for_run(partitions=args.partitions) as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        topics = Topics(prefix)
+        ensure_topics(bootstrap, args.partitions, topics)
+        produce_rate = produce(bootstrap, topics.events, n, args.seed)
+        raw = raw_consume(bootstrap, topics.events, n)
+        pipeline, peak_rss = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
+    result = {
+        "events": n,
+        "pipeline_events_per_s": round(pipeline, 1),
+        "raw_events_per_s": round(raw, 1),
+        "ratio": round(pipeline / raw, 3),
+        "peak_rss_mb": round(peak_rss, 1),
+        "produce_events_per_s": round(produce_rate, 1),
+        "partitions": args.partitions,
+        "anomaly_agent": args.anomaly,
+    }
+    emit("ingest", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
