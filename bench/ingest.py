@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from bench.common import emit
 from stream.config import Topics
 from stream.kafka_local import broker_for_run, free_port
+from stream.metrics import scrape, total
 from stream.producer import EventProducer
 from stream.sources import synthetic_events
 from stream.topics import ensure_topics
@@ -77,16 +77,9 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
     return asyncio.run(_raw_consume(bootstrap, topic, n))
 
 
-def _events_total(port: int) -> float:
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return 0.0
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith("streamrec_events_total{") or line.startswith("streamrec_duplicates_total "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def _events_seen(port: int) -> float:
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    return total(samples, "streamrec_events_total") + total(samples, "streamrec_duplicates_total")
 
 
 def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool, timeout_s: float) -> tuple[float, float]:
@@ -107,7 +100,7 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
         while done < n:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the worker stopped or stalled; see " + str(workdir / "worker.log"))
-            done = _events_total(port)
+            done = _events_seen(port)
             bar.update(done - bar.n)
             if done > 0 and first_t is None:
                 first_t, first_n = time.perf_counter(), done

@@ -119,9 +119,20 @@ class ImpressionJoiner:
         self._forget_closed()
         return negatives
 
-    def restore(self, impressions: Iterable[dict], clicked: Iterable[tuple[str, str]], watermark: float) -> None:
-        """Rebuild the open slates after a restart: impressions still open at ``watermark`` and the
-        (request_id, item_id) pairs already clicked (their positives were emitted before)."""
+    def restore(
+        self,
+        impressions: Iterable[dict],
+        clicked: Iterable[tuple[str, str]],
+        watermark: float,
+        closed: Iterable[tuple[str, float]] = (),
+    ) -> None:
+        """Rebuild the state after a restart: impressions still open at ``watermark``, the
+        (request_id, item_id) pairs already clicked (their positives were emitted before), and the
+        (request_id, close time) of recently closed slates, so their clicks count as late."""
+        for request_id, close_at in closed:
+            if request_id not in self._closed:
+                self._closed[request_id] = close_at
+                heapq.heappush(self._closed_order, (close_at, request_id))
         for impression in impressions:
             self.on_impression(impression)
         for request_id, item_id in clicked:

@@ -30,3 +30,25 @@ BATCH_SECONDS = Histogram(
     "streamrec_ingest_batch_seconds", "Wall time to process one ingest batch, log and sends included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Read a /metrics page into {(sample name, sorted label pairs): value}; empty if unreachable."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        body = urllib.request.urlopen(url, timeout=timeout).read().decode("utf-8")
+    except OSError:
+        return {}
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def total(samples: dict, name: str) -> float:
+    """The sum of every sample called ``name`` across its labels."""
+    return sum(value for (sample, _), value in samples.items() if sample == name)

@@ -187,13 +187,24 @@ class IngestPipeline:
         rows = log.read(EVENTS, since_ts=newest - horizon)
         ids = rows.drop_duplicates("event_id")
         self.dedupe.seed(zip(ids["event_id"], ids["ts"]))
-        open_rows = rows[(rows["type"] == "impression") & (rows["ts"] >= newest - self.joiner.window_s)]
-        impressions = [_impression_from_rows(group) for _, group in open_rows.groupby("event_id", sort=False)]
-        impressions.sort(key=lambda imp: imp["ts"])
-        positives = log.read(EXAMPLES, since_ts=newest - 2 * self.joiner.window_s,
-                             columns=["request_id", "item_id", "label", "kind"])
-        positives = positives[(positives["kind"] == "click") & (positives["label"] > 0)]
-        self.joiner.restore(impressions, zip(positives["request_id"], positives["item_id"]), newest)
+        window = self.joiner.window_s
+        labelled = log.read(EXAMPLES, since_ts=newest - horizon - window,
+                            columns=["request_id", "item_id", "label", "kind"])
+        labelled = labelled[labelled["kind"] == "click"]
+        negatives_logged = set(labelled.loc[labelled["label"] == 0, "request_id"])
+        impressions = rows[rows["type"] == "impression"]
+        slates = [_impression_from_rows(group) for _, group in impressions.groupby("event_id", sort=False)]
+        slates.sort(key=lambda imp: imp["ts"])
+        # A slate whose negatives are in the log was closed (perhaps by the idle timer, ahead of
+        # event time); one whose window has passed is closed too. The rest are still open.
+        is_open = [imp["request_id"] not in negatives_logged and imp["ts"] + window >= newest for imp in slates]
+        positives = labelled[labelled["label"] > 0]
+        self.joiner.restore(
+            [imp for imp, o in zip(slates, is_open) if o],
+            zip(positives["request_id"], positives["item_id"]),
+            newest,
+            closed=[(imp["request_id"], imp["ts"] + window) for imp, o in zip(slates, is_open) if not o],
+        )
         self._last_event_ts = float(newest)
         return {"events": len(ids), "open_slates": len(self.joiner)}
 
