@@ -1,0 +1,247 @@
+"""The learner-to-serving contract: row deltas on ``model.updates`` and snapshots in a model store.
+
+Both sides import this module, so the format lives in one place (documented in
+``learner/PUBLISHING.md``).
+
+A **model state** is what serving needs to score: the global mean and, for users and items, the
+string ids with their factor vectors and biases (``ModelRows``). Nothing here depends on torch.
+
+**Deltas.** Every publish interval the learner sends the rows that changed since the previous
+publish, as one or more JSON messages (``parts``), keyed ``delta/<model>`` with a strictly
+increasing ``seq``. Arrays travel as base64 little-endian float32. A reader applies a publish only
+when it has all its parts, so it never serves a half-applied version.
+
+**Snapshots.** Every snapshot interval the learner writes ``<store>/<model>/<version>/`` with
+``rows.safetensors`` (tensors) and ``ids.json`` (the id lists), then ``manifest.json`` last (its
+presence marks a complete snapshot) with the sha256 of both files, the ``seq`` of the last delta
+the snapshot includes, its creation time and metrics; and it announces the manifest on
+``model.updates`` keyed ``snapshot/<model>`` (the topic is compacted, so the newest survives).
+Readers verify both digests before loading; safetensors holds no code, so loading runs none.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+FORMAT_VERSION = 1
+MAX_ROWS_PER_MESSAGE = 2000
+
+
+class SnapshotError(ValueError):
+    """A snapshot is incomplete, corrupt or not what its manifest says; the message says which."""
+
+
+@dataclass
+class ModelRows:
+    """Rows of one side (users or items): ids, factor vectors [n, k] and biases [n], float32."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    biases: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.biases = np.ascontiguousarray(self.biases, dtype=np.float32)
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.ids) or self.biases.shape != (len(self.ids),):
+            raise ValueError(
+                f"rows do not line up: {len(self.ids)} ids, vectors {self.vectors.shape}, biases {self.biases.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def slice(self, start: int, stop: int) -> "ModelRows":
+        return ModelRows(self.ids[start:stop], self.vectors[start:stop], self.biases[start:stop])
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _unb64(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _rows_json(rows: ModelRows) -> dict:
+    return {"ids": rows.ids, "vectors": _b64(rows.vectors), "biases": _b64(rows.biases)}
+
+
+def _rows_from_json(obj: dict, n_factors: int) -> ModelRows:
+    n = len(obj["ids"])
+    return ModelRows(list(obj["ids"]), _unb64(obj["vectors"], (n, n_factors)), _unb64(obj["biases"], (n,)))
+
+
+def delta_messages(
+    model: str,
+    seq: int,
+    global_mean: float,
+    users: ModelRows,
+    items: ModelRows,
+    *,
+    max_event_ts: float | None = None,
+    published_ts: float | None = None,
+    metrics: dict | None = None,
+    max_rows: int = MAX_ROWS_PER_MESSAGE,
+) -> list[tuple[str, dict]]:
+    """The (key, value) messages of one publish: the changed rows split into parts of ``max_rows``."""
+    n_factors = users.vectors.shape[1] if len(users) else items.vectors.shape[1]
+    published_ts = time.time() if published_ts is None else published_ts
+    chunks = []
+    for side, rows in (("users", users), ("items", items)):
+        for start in range(0, len(rows), max_rows):
+            chunks.append((side, rows.slice(start, start + max_rows)))
+    chunks = chunks or [("users", users)]
+    messages = []
+    for part, (side, rows) in enumerate(chunks):
+        empty = ModelRows([], np.zeros((0, n_factors), np.float32), np.zeros(0, np.float32))
+        value = {
+            "type": "delta", "format": FORMAT_VERSION, "model": model, "seq": seq,
+            "version": f"{model}-{seq}", "part": part, "parts": len(chunks),
+            "n_factors": int(n_factors), "global_mean": float(global_mean),
+            "published_ts": published_ts, "max_event_ts": max_event_ts, "metrics": metrics or {},
+            "users": _rows_json(rows if side == "users" else empty),
+            "items": _rows_json(rows if side == "items" else empty),
+        }
+        messages.append((f"delta/{model}", value))
+    return messages
+
+
+@dataclass
+class Delta:
+    """One complete publish, reassembled from its parts."""
+
+    model: str
+    seq: int
+    version: str
+    global_mean: float
+    users: ModelRows
+    items: ModelRows
+    published_ts: float
+    max_event_ts: float | None
+
+
+class DeltaAssembler:
+    """Collects the parts of each publish; yields a ``Delta`` once all of its parts arrived."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str, int], dict[int, dict]] = {}
+
+    def add(self, value: dict) -> Delta | None:
+        if value.get("type") != "delta" or value.get("format") != FORMAT_VERSION:
+            raise ValueError(f"not a delta of format {FORMAT_VERSION}: type={value.get('type')!r}")
+        key = (value["model"], int(value["seq"]))
+        parts = self._parts.setdefault(key, {})
+        parts[int(value["part"])] = value
+        if len(parts) < int(value["parts"]):
+            return None
+        del self._parts[key]
+        k = int(value["n_factors"])
+        ordered = [parts[i] for i in range(int(value["parts"]))]
+        users = [_rows_from_json(p["users"], k) for p in ordered]
+        items = [_rows_from_json(p["items"], k) for p in ordered]
+        return Delta(
+            model=value["model"], seq=int(value["seq"]), version=value["version"],
+            global_mean=float(value["global_mean"]),
+            users=_concat(users, k), items=_concat(items, k),
+            published_ts=float(value["published_ts"]), max_event_ts=value.get("max_event_ts"),
+        )
+
+
+def _concat(parts: list[ModelRows], k: int) -> ModelRows:
+    ids = [i for p in parts for i in p.ids]
+    if not ids:
+        return ModelRows([], np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+    return ModelRows(ids, np.concatenate([p.vectors for p in parts]), np.concatenate([p.biases for p in parts]))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_snapshot(
+    store: Path, model: str, seq: int, global_mean: float, users: ModelRows, items: ModelRows,
+    metrics: dict | None = None,
+) -> dict:
+    """Write a complete snapshot atomically (folder renamed into place); return its manifest."""
+    version = f"{model}-{seq}"
+    final = Path(store) / model / version
+    tmp = Path(store) / model / f".{version}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {
+        "user_vectors": users.vectors, "user_biases": users.biases,
+        "item_vectors": items.vectors, "item_biases": items.biases,
+        "global_mean": np.array([global_mean], dtype=np.float32),
+    }
+    (tmp / "rows.safetensors").write_bytes(st_save(tensors))
+    (tmp / "ids.json").write_text(json.dumps({"users": users.ids, "items": items.ids}))
+    manifest = {
+        "type": "snapshot", "format": FORMAT_VERSION, "model": model, "version": version, "seq": seq,
+        "created_ts": time.time(), "n_users": len(users), "n_items": len(items),
+        "n_factors": int(users.vectors.shape[1] if len(users) else items.vectors.shape[1]),
+        "files": {"rows.safetensors": _sha256(tmp / "rows.safetensors"), "ids.json": _sha256(tmp / "ids.json")},
+        "metrics": metrics or {},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    manifest["path"] = str(final.relative_to(store))
+    return manifest
+
+
+def latest_snapshot(store: Path, model: str) -> Path | None:
+    """The folder of the newest complete snapshot (highest seq with a manifest), or None."""
+    base = Path(store) / model
+    if not base.is_dir():
+        return None
+    found = []
+    for manifest in base.glob("*/manifest.json"):
+        if manifest.parent.name.startswith("."):
+            continue
+        try:
+            found.append((int(json.loads(manifest.read_text())["seq"]), manifest.parent))
+        except (ValueError, KeyError, OSError):
+            continue
+    return max(found)[1] if found else None
+
+
+def read_snapshot(folder: Path) -> tuple[dict, float, ModelRows, ModelRows]:
+    """Verify and load a snapshot: (manifest, global_mean, users, items). Raises SnapshotError."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SnapshotError(f"{folder}: unreadable manifest ({err})") from None
+    for name, expected in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise SnapshotError(f"{folder}: {name} is missing")
+        actual = _sha256(path)
+        if actual != expected:
+            raise SnapshotError(f"{folder}: sha256 of {name} is {actual[:12]}…, the manifest says {expected[:12]}…")
+    if set(manifest.get("files", {})) != {"rows.safetensors", "ids.json"}:
+        raise SnapshotError(f"{folder}: the manifest does not list rows.safetensors and ids.json")
+    try:
+        tensors = st_load((folder / "rows.safetensors").read_bytes())
+        ids = json.loads((folder / "ids.json").read_text())
+        users = ModelRows(ids["users"], tensors["user_vectors"], tensors["user_biases"])
+        items = ModelRows(ids["items"], tensors["item_vectors"], tensors["item_biases"])
+        global_mean = float(tensors["global_mean"][0])
+    except (KeyError, ValueError, OSError) as err:
+        raise SnapshotError(f"{folder}: cannot load ({err})") from None
+    return manifest, global_mean, users, items
