@@ -43,25 +43,34 @@ class SnapshotError(ValueError):
 
 @dataclass
 class ModelRows:
-    """Rows of one side (users or items): ids, factor vectors [n, k] and biases [n], float32."""
+    """Rows of one side (users or items): ids, factor vectors [n, k], rating biases [n] and click
+    biases [n], float32 (see ``OnlineMF``: the two models share the vectors, not the biases)."""
 
     ids: list[str]
     vectors: np.ndarray
     biases: np.ndarray
+    click_biases: np.ndarray
 
     def __post_init__(self) -> None:
+        n = len(self.ids)
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         self.biases = np.ascontiguousarray(self.biases, dtype=np.float32)
-        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.ids) or self.biases.shape != (len(self.ids),):
-            raise ValueError(
-                f"rows do not line up: {len(self.ids)} ids, vectors {self.vectors.shape}, biases {self.biases.shape}"
-            )
+        self.click_biases = np.ascontiguousarray(self.click_biases, dtype=np.float32)
+        if (self.vectors.ndim != 2 or self.vectors.shape[0] != n or self.biases.shape != (n,)
+                or self.click_biases.shape != (n,)):
+            raise ValueError(f"rows do not line up: {n} ids, vectors {self.vectors.shape}, "
+                             f"biases {self.biases.shape}, click biases {self.click_biases.shape}")
+
+    @classmethod
+    def empty(cls, n_factors: int) -> "ModelRows":
+        return cls([], np.zeros((0, n_factors), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def slice(self, start: int, stop: int) -> "ModelRows":
-        return ModelRows(self.ids[start:stop], self.vectors[start:stop], self.biases[start:stop])
+        return ModelRows(self.ids[start:stop], self.vectors[start:stop], self.biases[start:stop],
+                         self.click_biases[start:stop])
 
 
 def _b64(array: np.ndarray) -> str:
@@ -73,18 +82,21 @@ def _unb64(text: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _rows_json(rows: ModelRows) -> dict:
-    return {"ids": rows.ids, "vectors": _b64(rows.vectors), "biases": _b64(rows.biases)}
+    return {"ids": rows.ids, "vectors": _b64(rows.vectors), "biases": _b64(rows.biases),
+            "click_biases": _b64(rows.click_biases)}
 
 
 def _rows_from_json(obj: dict, n_factors: int) -> ModelRows:
     n = len(obj["ids"])
-    return ModelRows(list(obj["ids"]), _unb64(obj["vectors"], (n, n_factors)), _unb64(obj["biases"], (n,)))
+    return ModelRows(list(obj["ids"]), _unb64(obj["vectors"], (n, n_factors)), _unb64(obj["biases"], (n,)),
+                     _unb64(obj["click_biases"], (n,)))
 
 
 def delta_messages(
     model: str,
     seq: int,
     global_mean: float,
+    click_intercept: float,
     users: ModelRows,
     items: ModelRows,
     *,
@@ -103,11 +115,12 @@ def delta_messages(
     chunks = chunks or [("users", users)]
     messages = []
     for part, (side, rows) in enumerate(chunks):
-        empty = ModelRows([], np.zeros((0, n_factors), np.float32), np.zeros(0, np.float32))
+        empty = ModelRows.empty(n_factors)
         value = {
             "type": "delta", "format": FORMAT_VERSION, "model": model, "seq": seq,
             "version": f"{model}-{seq}", "part": part, "parts": len(chunks),
             "n_factors": int(n_factors), "global_mean": float(global_mean),
+            "click_intercept": float(click_intercept),
             "published_ts": published_ts, "max_event_ts": max_event_ts, "metrics": metrics or {},
             "users": _rows_json(rows if side == "users" else empty),
             "items": _rows_json(rows if side == "items" else empty),
@@ -124,6 +137,7 @@ class Delta:
     seq: int
     version: str
     global_mean: float
+    click_intercept: float
     users: ModelRows
     items: ModelRows
     published_ts: float
@@ -151,7 +165,7 @@ class DeltaAssembler:
         items = [_rows_from_json(p["items"], k) for p in ordered]
         return Delta(
             model=value["model"], seq=int(value["seq"]), version=value["version"],
-            global_mean=float(value["global_mean"]),
+            global_mean=float(value["global_mean"]), click_intercept=float(value["click_intercept"]),
             users=_concat(users, k), items=_concat(items, k),
             published_ts=float(value["published_ts"]), max_event_ts=value.get("max_event_ts"),
         )
@@ -160,8 +174,9 @@ class DeltaAssembler:
 def _concat(parts: list[ModelRows], k: int) -> ModelRows:
     ids = [i for p in parts for i in p.ids]
     if not ids:
-        return ModelRows([], np.zeros((0, k), np.float32), np.zeros(0, np.float32))
-    return ModelRows(ids, np.concatenate([p.vectors for p in parts]), np.concatenate([p.biases for p in parts]))
+        return ModelRows.empty(k)
+    return ModelRows(ids, np.concatenate([p.vectors for p in parts]), np.concatenate([p.biases for p in parts]),
+                     np.concatenate([p.click_biases for p in parts]))
 
 
 def _sha256(path: Path) -> str:
@@ -173,8 +188,8 @@ def _sha256(path: Path) -> str:
 
 
 def write_snapshot(
-    store: Path, model: str, seq: int, global_mean: float, users: ModelRows, items: ModelRows,
-    metrics: dict | None = None,
+    store: Path, model: str, seq: int, global_mean: float, click_intercept: float,
+    users: ModelRows, items: ModelRows, metrics: dict | None = None,
 ) -> dict:
     """Write a complete snapshot atomically (folder renamed into place); return its manifest."""
     version = f"{model}-{seq}"
@@ -183,9 +198,9 @@ def write_snapshot(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {
-        "user_vectors": users.vectors, "user_biases": users.biases,
-        "item_vectors": items.vectors, "item_biases": items.biases,
-        "global_mean": np.array([global_mean], dtype=np.float32),
+        "user_vectors": users.vectors, "user_biases": users.biases, "user_click_biases": users.click_biases,
+        "item_vectors": items.vectors, "item_biases": items.biases, "item_click_biases": items.click_biases,
+        "global": np.array([global_mean, click_intercept], dtype=np.float64),
     }
     (tmp / "rows.safetensors").write_bytes(st_save(tensors))
     (tmp / "ids.json").write_text(json.dumps({"users": users.ids, "items": items.ids}))
@@ -220,8 +235,19 @@ def latest_snapshot(store: Path, model: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def read_snapshot(folder: Path) -> tuple[dict, float, ModelRows, ModelRows]:
-    """Verify and load a snapshot: (manifest, global_mean, users, items). Raises SnapshotError."""
+@dataclass
+class Snapshot:
+    """A verified snapshot: its manifest and the model state it holds."""
+
+    manifest: dict
+    global_mean: float
+    click_intercept: float
+    users: ModelRows
+    items: ModelRows
+
+
+def read_snapshot(folder: Path) -> Snapshot:
+    """Verify and load a snapshot. Raises SnapshotError with the reason when it cannot be trusted."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -239,9 +265,9 @@ def read_snapshot(folder: Path) -> tuple[dict, float, ModelRows, ModelRows]:
     try:
         tensors = st_load((folder / "rows.safetensors").read_bytes())
         ids = json.loads((folder / "ids.json").read_text())
-        users = ModelRows(ids["users"], tensors["user_vectors"], tensors["user_biases"])
-        items = ModelRows(ids["items"], tensors["item_vectors"], tensors["item_biases"])
-        global_mean = float(tensors["global_mean"][0])
+        users = ModelRows(ids["users"], tensors["user_vectors"], tensors["user_biases"], tensors["user_click_biases"])
+        items = ModelRows(ids["items"], tensors["item_vectors"], tensors["item_biases"], tensors["item_click_biases"])
+        global_mean, click_intercept = (float(x) for x in tensors["global"])
     except (KeyError, ValueError, OSError) as err:
         raise SnapshotError(f"{folder}: cannot load ({err})") from None
-    return manifest, global_mean, users, items
+    return Snapshot(manifest, global_mean, click_intercept, users, items)
