@@ -99,7 +99,8 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
         done = 0.0
         while done < n:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker stopped or stalled; see " + str(workdir / "worker.log"))
+                tail = (workdir / "worker.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the worker stopped or stalled; its log ends:\n{tail}")
             done = _events_seen(port)
             bar.update(done - bar.n)
             if done > 0 and first_t is None:

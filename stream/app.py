@@ -1,38 +1,33 @@
-"""The Faust app of the stream worker: ingest agent, idle timer and the /metrics page.
+"""The Faust app of the stream worker: the ingest service, the idle timer and the /metrics page.
 
-The agent reads ``events`` in batches (``take_events``: up to ``batch_size`` events or
-``batch_timeout_s`` seconds), hands each batch to ``IngestPipeline`` and then, in this order:
-sends the dead letters, examples and anomalies and waits until Kafka has them, writes the batch's
-rows to the Parquet log, and only then lets Faust acknowledge the batch's offsets. A crash at any
-point therefore replays the batch; the dedupe window, seeded from the log at start-up, keeps a
-replayed event from being logged twice. Sends are at least once; the log is exactly once.
+The ingest service reads ``events`` in batches (up to ``batch_size`` events or ``batch_timeout_s``
+seconds), hands each batch to ``IngestPipeline`` and then, in this order: sends the dead letters,
+examples and anomalies and waits until Kafka has them, writes the batch's rows to the Parquet log,
+and only then commits the batch's offsets. A crash at any point therefore replays the batch; the
+dedupe window, seeded from the log at start-up, keeps a replayed event from being logged twice.
+Sends are at least once; the log is exactly once.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable
 
 import faust
+from aiokafka import AIOKafkaConsumer
+from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream import metrics
 from stream.config import StreamSettings, Topics, state_dir
 from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
+from stream.output import BatchSender
 from stream.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
 
 log = logging.getLogger(__name__)
-
-
-_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
-def _json_bytes(obj: dict) -> bytes:
-    return _encode_json(obj).encode("utf-8")
 
 
 @dataclass
@@ -43,6 +38,8 @@ class Worker:
     pipeline: IngestPipeline
     log: ParquetLog
     topics: Topics
+    sender: BatchSender
+    group_id: str
     app: faust.App = field(init=False)
 
     async def handle(self, records: list[Record]) -> BatchResult:
@@ -54,24 +51,67 @@ class Worker:
         return result
 
     async def publish(self, result: BatchResult) -> None:
-        producer = self.app.producer
         topics = self.topics
-        pending: list[Awaitable] = []
-        for key, message in result.dlq:
-            pending.append(await producer.send(topics.dlq, key, _json_bytes(message), None, None, None))
-        for example in result.examples:
-            pending.append(await producer.send(
-                topics.examples, example["user_id"].encode(), _json_bytes(example), None, None, None))
-        for anomaly in result.anomalies:
-            pending.append(await producer.send(
-                topics.anomalies, str(anomaly["entity"]).encode(), _json_bytes(anomaly), None, None, None))
-        if pending:
-            await asyncio.gather(*pending)
+        messages = [(topics.dlq, key, message) for key, message in result.dlq]
+        messages += [(topics.examples, e["user_id"].encode(), e) for e in result.examples]
+        messages += [(topics.anomalies, str(a["entity"]).encode(), a) for a in result.anomalies]
+        if messages:
+            await self.sender.send(messages)
         if result.examples or result.log_rows:
             tag = str(time.time_ns())
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self.log.write, EXAMPLES, result.examples, tag)
             await loop.run_in_executor(None, self.log.write, EVENTS, result.log_rows, tag)
+
+
+class IngestService(Service):
+    """Consumes ``events`` in batches and commits a batch's offsets only once it is durable.
+
+    The worker runs it inside the Faust app. It reads with aiokafka's ``getmany`` instead of a Faust
+    agent: Faust's per-message stream machinery tops out at about 3,000 messages per second on
+    this 2-core machine even when the agent does nothing, some 20 times below a raw consumer,
+    while batch reads keep the pipeline's own work the cost that counts. Offsets are committed by
+    hand after the batch's sends are acknowledged and its rows are on disk, so neither a crash nor
+    an error can commit an event that is not in the log.
+    """
+
+    worker: "Worker"
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003 (mode.Service's keyword arguments)
+        super().__init__(**kwargs)
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def on_start(self) -> None:
+        w = self.worker
+        self._consumer = AIOKafkaConsumer(
+            w.topics.events,
+            bootstrap_servers=w.settings.bootstrap_servers,
+            group_id=w.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+        )
+        await self._consumer.start()
+        log.info("consuming %s as group %s", w.topics.events, w.group_id)
+
+    async def on_stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        await self.worker.sender.stop()
+
+    @Service.task
+    async def _consume(self) -> None:
+        consumer, worker = self._consumer, self.worker
+        timeout_ms = int(worker.settings.batch_timeout_s * 1000)
+        while not self.should_stop:
+            fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=worker.settings.batch_size)
+            if not fetched:
+                continue
+            records = [Record(m.value, m.partition, m.offset, m.key, m.topic)
+                       for messages in fetched.values() for m in messages]
+            await worker.handle(records)
+            await consumer.commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
 
 
 def create_worker(
@@ -94,7 +134,8 @@ def create_worker(
     restored = pipeline.restore(event_log)
     log.info("restored from %s: %d recent event ids, %d open slates",
              settings.log_dir, restored["events"], restored["open_slates"])
-    worker = Worker(settings, pipeline, event_log, topics)
+    worker = Worker(settings, pipeline, event_log, topics, BatchSender(settings.bootstrap_servers),
+                    group_id=settings.topic_prefix + "streamrec-ingest")
     datadir = state_dir() / "faust" / (settings.topic_prefix + app_id)
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -104,39 +145,24 @@ def create_worker(
         datadir=str(datadir),
         topic_partitions=settings.partitions,
         consumer_auto_offset_reset="earliest",
-        stream_buffer_maxsize=max(4096, 2 * settings.batch_size),
-        broker_commit_every=settings.batch_size,
-        broker_commit_interval=1.0,
-        producer_linger_ms=5,
-        producer_acks=-1,
         web_enabled=settings.web_port > 0,
         web_bind=settings.web_host,
         web_port=max(settings.web_port, 1),
         web_in_thread=False,
     )
     worker.app = app
-    events_topic = app.topic(topics.events, key_type=bytes, value_type=bytes,
-                             key_serializer="raw", value_serializer="raw")
+    @app.service
+    class _Ingest(IngestService):
+        pass
 
-    @app.agent(events_topic, name="ingest")
-    async def ingest(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
-            records = [
-                Record(e.message.value, e.message.partition, e.message.offset, e.message.key, e.message.topic)
-                for e in batch
-            ]
-            task = asyncio.ensure_future(worker.handle(records))
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # take_events acks the batch when we leave; finish making it durable first.
-                await task
-                raise
+    _Ingest.worker = worker
 
     @app.timer(interval=1.0)
     async def close_idle_slates() -> None:
         result = pipeline.tick()
         if result.examples:
+            # A failure here crashes the app; the slates reopen from the log at restart (their
+            # negatives are not in it), so nothing is lost.
             await worker.publish(result)
 
     @app.page("/metrics")

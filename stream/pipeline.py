@@ -117,42 +117,45 @@ class IngestPipeline:
         out = BatchResult()
         accepted: list[dict] = []
         examples = out.examples
+        dlq_reasons: Counter = Counter()
+        types: Counter = Counter()
+        dedupe_add, joiner = self.dedupe.add, self.joiner
         for record in records:
             try:
                 event = decode(record.value)
             except InvalidEvent as err:
                 out.dlq.append((record.key, dlq_message(record, err)))
-                metrics.DLQ.labels(err.reason).inc()
+                dlq_reasons[err.reason] += 1
                 continue
-            if not self.dedupe.add(event["event_id"], event["ts"]):
+            if not dedupe_add(event["event_id"], event["ts"]):
                 out.duplicates += 1
                 continue
             accepted.append(event)
             out.log_rows.extend(event_rows(event, record.partition, record.offset))
             kind = event["type"]
+            types[kind] += 1
             if kind == "impression":
-                self.joiner.on_impression(event)
+                joiner.on_impression(event)
             elif kind == "click":
-                outcome, example = self.joiner.on_click(event)
+                outcome, example = joiner.on_click(event)
                 out.join_outcomes[outcome] += 1
                 if example is not None:
                     examples.append(example)
-                elif outcome != MATCHED:
-                    metrics.UNJOINED_CLICKS.labels(outcome).inc()
             else:
                 examples.append(rating_example(event))
         out.accepted = len(accepted)
         if accepted:
             self._last_event_ts = max(self._last_event_ts, max(e["ts"] for e in accepted))
             self._last_batch_wall = time.monotonic()
-            examples.extend(self.joiner.advance(self._last_event_ts))
-            for event in accepted:
-                metrics.EVENTS.labels(event["type"]).inc()
-        if out.duplicates:
-            metrics.DUPLICATES.inc(out.duplicates)
+            examples.extend(joiner.advance(self._last_event_ts))
         if self.detector is not None and accepted:
             out.anomalies = self.detector.observe_batch(accepted)
         self._finish_examples(examples)
+        _count(metrics.EVENTS, types)
+        _count(metrics.DLQ, dlq_reasons)
+        _count(metrics.UNJOINED_CLICKS, {k: v for k, v in out.join_outcomes.items() if k != MATCHED})
+        if out.duplicates:
+            metrics.DUPLICATES.inc(out.duplicates)
         return out
 
     def tick(self) -> BatchResult:
@@ -166,11 +169,16 @@ class IngestPipeline:
 
     def _finish_examples(self, examples: list[dict]) -> None:
         detector = self.detector
+        labels: Counter = Counter()
+        flagged = 0
         for example in examples:
             if detector is not None and detector.is_flagged(example["user_id"]):
                 example["anomalous"] = True
-                metrics.SKIPPED_ANOMALOUS.inc()
-            metrics.EXAMPLES.labels(example["kind"], _label_name(example)).inc()
+                flagged += 1
+            labels[(example["kind"], _label_name(example))] += 1
+        _count(metrics.EXAMPLES, labels)
+        if flagged:
+            metrics.SKIPPED_ANOMALOUS.inc(flagged)
 
     def restore(self, log: ParquetLog) -> dict:
         """Rebuild the dedupe window and the open slates from the log after a (re)start.
@@ -207,6 +215,12 @@ class IngestPipeline:
         )
         self._last_event_ts = float(newest)
         return {"events": len(ids), "open_slates": len(self.joiner)}
+
+
+def _count(counter, counts: dict) -> None:
+    """Add a batch's counts to a labelled counter: one call per label, not one per event."""
+    for label, n in counts.items():
+        counter.labels(*(label if isinstance(label, tuple) else (label,))).inc(n)
 
 
 def _label_name(example: dict) -> str:

@@ -1,0 +1,89 @@
+"""Sends the worker's output (examples, dead letters, anomalies) to Kafka as whole record batches.
+
+One ingest batch fans out into many small messages (every shown item of a slate becomes an
+example). Handing them to a producer one ``send`` at a time costs more than the rest of the
+pipeline; here they are appended to one aiokafka ``BatchBuilder`` per topic partition and each
+builder is sent as a unit. Partitions follow Kafka's default partitioner (murmur2 of the key), so
+a user's examples stay in one partition, in order, as they would with a plain ``send``.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+
+Message = tuple[str, bytes | None, dict]  # topic, key, JSON-serialisable value
+
+
+def encode_json(value: dict) -> bytes:
+    """Compact UTF-8 JSON. Values come from validated events, so every number is finite."""
+    return orjson.dumps(value)
+
+
+class BatchSender:
+    """Sends lists of messages and returns once Kafka has acknowledged all of them (``acks=all``)."""
+
+    def __init__(self, bootstrap_servers: str, max_batch_bytes: int = 1 << 20) -> None:
+        self._config = dict(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True,
+                            max_batch_size=max_batch_bytes, linger_ms=0)
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions: dict[str, int] = {}
+        self._key_partition: dict[tuple[str, bytes], int] = {}
+
+    async def start(self) -> None:
+        """Connect (aiokafka needs the running event loop, so this happens on first use)."""
+        if self._producer is None:
+            producer = AIOKafkaProducer(**self._config)
+            await producer.start()
+            self._producer = producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def _partition(self, topic: str, key: bytes | None) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            count = len(await self._producer.partitions_for(topic))
+            self._partitions[topic] = count
+        if key is None:
+            return 0
+        cache_key = (topic, key)
+        partition = self._key_partition.get(cache_key)
+        if partition is None:
+            if len(self._key_partition) > 1_000_000:
+                self._key_partition.clear()
+            partition = (murmur2(key) & 0x7FFFFFFF) % count
+            self._key_partition[cache_key] = partition
+        return partition
+
+    async def send(self, messages: Iterable[Message]) -> int:
+        """Send every message; wait until all are acknowledged. Returns how many were sent."""
+        await self.start()
+        builders: dict[tuple[str, int], object] = {}
+        pending = []
+        sent = 0
+        producer = self._producer
+        for topic, key, value in messages:
+            partition = await self._partition(topic, key)
+            slot = (topic, partition)
+            builder = builders.get(slot)
+            if builder is None:
+                builder = builders[slot] = producer.create_batch()
+            payload = encode_json(value)
+            if builder.append(key=key, value=payload, timestamp=None) is None:
+                pending.append(await producer.send_batch(builder, topic, partition=partition))
+                builder = builders[slot] = producer.create_batch()
+                if builder.append(key=key, value=payload, timestamp=None) is None:
+                    raise ValueError(f"a message of {len(payload)} bytes does not fit in a batch")
+            sent += 1
+        for (topic, partition), builder in builders.items():
+            if builder.record_count():
+                pending.append(await producer.send_batch(builder, topic, partition=partition))
+        if pending:
+            await asyncio.gather(*pending)
+        return sent
