@@ -6,6 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 JARS   := .kafka/lib/.resolved
+# Prometheus from Debian's package, unpacked locally (not installed as a service), for the test that
+# reads streamrec metrics back through a real Prometheus; without apt the test skips.
+PROM   := .tools/prometheus/usr/bin/prometheus
 
 .PHONY: setup demo test bench clean kafka-stop
 
@@ -23,8 +26,13 @@ $(JARS): compose/kafka/pom.xml $(STAMP)
 demo: setup
 	$(VENV)/bin/streamrec demo $(DEMO_ARGS)
 
-test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+$(PROM):
+	@mkdir -p .tools && cd .tools && { apt-get download prometheus >/dev/null 2>&1 \
+	  && dpkg -x prometheus_*.deb prometheus && rm -f prometheus_*.deb; } \
+	  || echo "note: Debian's prometheus package is not available here; its test will skip"
+
+test: setup $(PROM)
+	PATH="$(CURDIR)/.tools/prometheus/usr/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	for b in ingest learner rcf; do $(PY) -m bench.$$b --quick || exit 1; done
@@ -33,4 +41,4 @@ kafka-stop:
 	-$(VENV)/bin/streamrec kafka stop
 
 clean: kafka-stop
-	rm -rf $(VENV) .kafka .streamrec runs
+	rm -rf $(VENV) .kafka .streamrec .tools runs

@@ -97,6 +97,49 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- learner -----------------------------------------------------------------------------------
+
+def cmd_learner(args: argparse.Namespace) -> int:
+    from learner.service import run_learner
+    from learner.settings import LearnerSettings
+
+    settings = LearnerSettings()
+    settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
+    settings.topic_prefix = args.topic_prefix
+    for name in ("model", "n_factors", "device", "batch_size", "batch_timeout_s", "publish_interval_s",
+                 "snapshot_interval_s", "checkpoint_interval_s", "web_port", "web_host"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    if args.store_dir:
+        settings.store_dir = Path(args.store_dir)
+    if args.checkpoint_dir:
+        settings.checkpoint_dir = Path(args.checkpoint_dir)
+    run_learner(settings)
+    return 0
+
+
+def _add_learner_parser(sub: argparse._SubParsersAction) -> None:
+    from learner.settings import LearnerSettings
+
+    d = LearnerSettings(bootstrap_servers="-")
+    p = sub.add_parser("learner", help="train the online model on `examples` and publish it to serving")
+    _add_kafka_flags(p)
+    p.add_argument("--model", default=None, help=f"model name in the store and on model.updates (default {d.model})")
+    p.add_argument("--n-factors", type=int, default=None, help=f"embedding size of a new model (default {d.n_factors})")
+    p.add_argument("--device", default=None, help=f"'auto' (CUDA when present), 'cpu' or 'cuda:N' (default {d.device})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per micro-batch (default {d.batch_size})")
+    p.add_argument("--batch-timeout-s", type=float, default=None, help=f"seconds before a partial micro-batch trains (default {d.batch_timeout_s})")
+    p.add_argument("--publish-interval-s", type=float, default=None, help=f"seconds between deltas (default {d.publish_interval_s})")
+    p.add_argument("--snapshot-interval-s", type=float, default=None, help=f"seconds between snapshots (default {d.snapshot_interval_s})")
+    p.add_argument("--checkpoint-interval-s", type=float, default=None, help=f"seconds between checkpoints (default {d.checkpoint_interval_s})")
+    p.add_argument("--store-dir", default=None, help=f"model store (default {d.store_dir})")
+    p.add_argument("--checkpoint-dir", default=None, help=f"checkpoints (default {d.checkpoint_dir})")
+    p.add_argument("--web-host", default=None, help=f"address of /metrics (default {d.web_host})")
+    p.add_argument("--web-port", type=int, default=None, help=f"port of /metrics, 0 to disable (default {d.web_port})")
+    p.set_defaults(func=cmd_learner)
+
+
 # -- replay ------------------------------------------------------------------------------------
 
 def _source(args: argparse.Namespace):
@@ -176,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web-port", type=int, default=None, help=f"port of the /metrics server, 0 to disable (default {defaults.web_port})")
     p.add_argument("--no-anomaly", action="store_true", help="do not score traffic for anomalies")
     p.set_defaults(func=cmd_worker)
+
+    _add_learner_parser(sub)
+
+    from serving.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("replay", help="stream a dataset into the events topic through the producer SDK")
     _add_kafka_flags(p)
