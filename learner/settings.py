@@ -1,0 +1,29 @@
+"""Settings of ``streamrec learner``, kept free of torch so that ``--help`` answers at once."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stream.config import env, env_float, env_int, state_dir
+
+
+@dataclass
+class LearnerSettings:
+    """Settings of ``streamrec learner``; each field defaults to a ``STREAMREC_*`` variable."""
+
+    bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
+    topic_prefix: str = field(default_factory=lambda: env("TOPIC_PREFIX", ""))
+    model: str = field(default_factory=lambda: env("MODEL", "mf"))
+    n_factors: int = field(default_factory=lambda: env_int("N_FACTORS", 32))
+    device: str = field(default_factory=lambda: env("DEVICE", "auto"))
+    batch_size: int = field(default_factory=lambda: env_int("LEARNER_BATCH_SIZE", 1024))
+    batch_timeout_s: float = field(default_factory=lambda: env_float("LEARNER_BATCH_TIMEOUT_S", 0.2))
+    publish_interval_s: float = field(default_factory=lambda: env_float("PUBLISH_INTERVAL_S", 1.0))
+    snapshot_interval_s: float = field(default_factory=lambda: env_float("SNAPSHOT_INTERVAL_S", 60.0))
+    checkpoint_interval_s: float = field(default_factory=lambda: env_float("CHECKPOINT_INTERVAL_S", 10.0))
+    store_dir: Path = field(default_factory=lambda: Path(env("MODEL_STORE", str(state_dir() / "models"))))
+    checkpoint_dir: Path = field(default_factory=lambda: Path(env("CHECKPOINT_DIR", str(state_dir() / "learner"))))
+    rmse_window: int = field(default_factory=lambda: env_int("RMSE_WINDOW", 10_000))
+    web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
+    web_port: int = field(default_factory=lambda: env_int("LEARNER_WEB_PORT", 6067))
