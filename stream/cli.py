@@ -90,9 +90,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _stream_settings(args)
     detector = None
     if not args.no_anomaly:
-        from stream.anomaly import default_detector
+        from stream.anomaly import AnomalyDetector
 
-        detector = default_detector()
+        detector = AnomalyDetector()
     run_worker(settings, detector=detector, loglevel="debug" if args.verbose else "info")
     return 0
 

@@ -86,6 +86,7 @@ class FakeDetector:
     def __init__(self, flagged: set[str]) -> None:
         self.flagged = flagged
         self.batches: list[list[str]] = []
+        self.last_scores = {"user": [9.0], "item": []}
 
     def observe_batch(self, events):
         self.batches.append([e["event_id"] for e in events])

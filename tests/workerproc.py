@@ -18,12 +18,12 @@ from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
 class WorkerProcess:
     """One ``streamrec worker`` process on its own topic prefix, log folder and state folder."""
 
-    def __init__(self, bootstrap: str, prefix: str, root: Path, *extra: str) -> None:
+    def __init__(self, bootstrap: str, prefix: str, root: Path, *extra: str, anomaly: bool = False) -> None:
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.root = root
         self.log_dir = root / "log"
-        self.extra = extra
+        self.extra = extra if anomaly else (*extra, "--no-anomaly")
         self.proc: subprocess.Popen | None = None
         self.log = ParquetLog(self.log_dir)
         self.runs = 0
@@ -35,7 +35,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", self.bootstrap,
              "--topic-prefix", self.prefix, "--log-dir", str(self.log_dir), "--web-port", "0",
-             "--partitions", "2", "--batch-timeout-s", "0.2", "--no-anomaly", *self.extra],
+             "--partitions", "2", "--batch-timeout-s", "0.2", *self.extra],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
         return self
