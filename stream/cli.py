@@ -181,6 +181,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- simulate ----------------------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from stream.closed_loop import ClosedLoop
+    from stream.producer import EventProducer
+    from stream.simulator import Schedule, Simulation
+
+    bootstrap = resolve_bootstrap(args.bootstrap_servers)
+    schedule = Schedule(args.warmup, args.steady, args.attack, args.shift)
+    if args.movielens:
+        sim = Simulation.from_movielens(args.movielens, seed=args.seed, schedule=schedule)
+    else:
+        sim = Simulation.planted(n_users=args.users, n_items=args.items, seed=args.seed, schedule=schedule)
+    with EventProducer(bootstrap, topic=Topics(args.topic_prefix).events) as producer:
+        loop = ClosedLoop(sim, args.serve_url, producer, policy=args.policy, k=args.k, seed=args.seed)
+        for step in range(schedule.n_steps):
+            stats = loop.run_step(step)
+            print(f"step {step:>3} {stats.phase:<7} requests {stats.requests:>5} CTR {stats.ctr:.4f} "
+                  f"models {sorted(stats.model_versions) or ['none']}", flush=True)
+    return 0
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -247,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--policy", default=None, help="only impressions logged by this policy")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("simulate", help="simulated users ask serving for slates and log impressions and clicks")
+    _add_kafka_flags(p)
+    p.add_argument("--serve-url", default="http://127.0.0.1:8080", help="serving base URL (default %(default)s)")
+    p.add_argument("--policy", default="epsilon_greedy", choices=["greedy", "epsilon_greedy", "softmax"],
+                   help="serving's exploration policy (default %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="slate size (default %(default)s)")
+    p.add_argument("--users", type=int, default=500, help="planted world: users (default %(default)s)")
+    p.add_argument("--items", type=int, default=200, help="planted world: items (default %(default)s)")
+    p.add_argument("--movielens", default=None, help="fit the hidden preferences to this MovieLens u.data instead")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the traffic and the clicks (default 0)")
+    for phase, steps in (("warmup", 10), ("steady", 30), ("attack", 10), ("shift", 20)):
+        p.add_argument(f"--{phase}", type=int, default=steps, help=f"steps of the {phase} phase (default {steps})")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="set up and run the pipeline on the local broker, then report")
     p.add_argument("--quick", action="store_true", help="a smaller run")
