@@ -27,7 +27,6 @@ a JSON sidecar (hyperparameters, id maps, counters, sha256 of the tensors), neve
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.ids import IdMap
 from learner.position_bias import PositionBiasEstimator, check_positions
-from learner.updates import ModelRows
+from learner.updates import ModelRows, sha256_file
 
 KINDS = ("rating", "click")
 FORMAT_VERSION = 1
@@ -549,7 +548,7 @@ class OnlineMF:
             "users": self.users.ids,
             "items": self.items.ids,
             "position_bias": pbm_meta,
-            "weights_sha256": _sha256(weights_path),
+            "weights_sha256": sha256_file(weights_path),
         }
         _atomic_write(folder / META_FILE,
                       lambda tmp: Path(tmp).write_text(json.dumps(meta), encoding="utf-8"))
@@ -562,7 +561,7 @@ class OnlineMF:
         _require(meta.get("format_version") == FORMAT_VERSION, "format_version",
                  meta.get("format_version"), f"{FORMAT_VERSION}")
         weights_path = folder / WEIGHTS_FILE
-        digest = _sha256(weights_path)
+        digest = sha256_file(weights_path)
         _require(digest == meta["weights_sha256"], f"sha256 of {weights_path}", digest,
                  f"{meta['weights_sha256']} (as recorded in {META_FILE})")
         hp = dict(meta["hyperparameters"])
@@ -717,14 +716,6 @@ def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -179,7 +179,8 @@ def _concat(parts: list[ModelRows], k: int) -> ModelRows:
                      np.concatenate([p.click_biases for p in parts]))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -208,7 +209,7 @@ def write_snapshot(
         "type": "snapshot", "format": FORMAT_VERSION, "model": model, "version": version, "seq": seq,
         "created_ts": time.time(), "n_users": len(users), "n_items": len(items),
         "n_factors": int(users.vectors.shape[1] if len(users) else items.vectors.shape[1]),
-        "files": {"rows.safetensors": _sha256(tmp / "rows.safetensors"), "ids.json": _sha256(tmp / "ids.json")},
+        "files": {"rows.safetensors": sha256_file(tmp / "rows.safetensors"), "ids.json": sha256_file(tmp / "ids.json")},
         "metrics": metrics or {},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -257,7 +258,7 @@ def read_snapshot(folder: Path) -> Snapshot:
         path = folder / name
         if not path.is_file():
             raise SnapshotError(f"{folder}: {name} is missing")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise SnapshotError(f"{folder}: sha256 of {name} is {actual[:12]}…, the manifest says {expected[:12]}…")
     if set(manifest.get("files", {})) != {"rows.safetensors", "ids.json"}:
