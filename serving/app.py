@@ -1,0 +1,134 @@
+"""One serving replica: the pieces wired together, started and stopped as a unit.
+
+``ServingApp`` owns everything of one replica (so a test can run several in one process): the
+live model, the batch scorer, the monitor, the metrics registry, the HTTP site, and two Kafka
+followers (``model.updates`` for the model, ``examples`` for the monitor). The HTTP server comes
+up first and answers ``/healthz`` at once; ``/readyz`` turns 200 once the model store has been
+read and the update topic caught up with. ``run`` is the blocking entry point of
+``streamrec serve``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from serving.api import build_app
+from serving.live import LiveModel
+from serving.metrics import ServingMetrics
+from serving.monitor import Monitor, follow_examples
+from serving.popularity import Popularity
+from serving.recommend import Recommender
+from serving.scorer import BatchScorer
+from serving.seen import SeenItems
+from serving.settings import ServeSettings
+from serving.updates import ModelUpdater
+from stream.config import Topics
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 2.0
+
+
+class ServingApp:
+    """A serving replica; ``await start()``, then ``port`` is bound; ``await stop()`` to end."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        if not settings.bootstrap_servers:
+            raise ValueError("no Kafka cluster: set KAFKA_BOOTSTRAP_SERVERS or pass --bootstrap-servers")
+        settings.check()
+        self.settings = s = settings
+        self.topics = Topics(s.topic_prefix)
+        self.metrics = ServingMetrics()
+        self.live = LiveModel(s.history, self.metrics)
+        self.seen = SeenItems(s.seen_users, s.seen_per_user)
+        self.popularity = Popularity(s.popularity_half_life_s)
+        self.monitor = Monitor(self.live, self.metrics, self.seen, self.popularity, rmse_window=s.rmse_window,
+                               drift_window=s.drift_window, shadow_window=s.shadow_window)
+        self.scorer = BatchScorer()
+        self.recommender = Recommender(self.live, self.scorer, self.seen, self.popularity, self.monitor, kind=s.kind,
+                                       candidates=s.candidates, epsilon=s.epsilon, temperature=s.temperature,
+                                       seed=s.seed)
+        self.updater = ModelUpdater(s.store_dir, s.model, self.live, self.metrics, self.monitor.recent_outcomes,
+                                    s.shadow_tolerance, s.shadow_min_outcomes)
+        self.web = build_app(self.recommender, self.metrics, self.readiness, self.monitor.maybe_refresh_drift)
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.port: int | None = None
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.live.current is None:
+            return False, "no model loaded yet"
+        if not self.updater.caught_up:
+            return False, f"catching up with {self.topics.model_updates}"
+        return True, "ready"
+
+    async def start(self, follow: bool = True) -> None:
+        """Serve HTTP, then load the model and follow the topics in the background.
+
+        ``follow=False`` serves HTTP only, with whatever is swapped into ``live`` by hand (tests of
+        the API that need no broker).
+        """
+        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        log.info("serving on http://%s:%d", self.settings.host, self.port)
+        if not follow:
+            return
+        s = self.settings
+        self._tasks = [
+            asyncio.create_task(self._keep_following(), name="model.updates"),
+            asyncio.create_task(_retrying("examples", lambda: follow_examples(
+                self.monitor, s.bootstrap_servers, self.topics.examples, s.examples_lookback_s)), name="examples"),
+        ]
+
+    async def _keep_following(self) -> None:
+        await self.updater.bootstrap()
+        await _retrying("model.updates", lambda: self.updater.follow(self.settings.bootstrap_servers,
+                                                                     self.topics.model_updates))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.scorer.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Return once ready; TimeoutError after ``timeout_s`` seconds."""
+        async with asyncio.timeout(timeout_s):
+            while not self.readiness()[0]:
+                await asyncio.sleep(0.05)
+
+
+async def _retrying(name: str, follow) -> None:
+    """Run ``follow()`` again after any failure (Kafka down, a bug on one record) until cancelled."""
+    while True:
+        try:
+            await follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("following %s failed; retrying in %.0f s", name, RETRY_S)
+            await asyncio.sleep(RETRY_S)
+
+
+def run(settings: ServeSettings) -> None:
+    """Run one replica until SIGINT or SIGTERM."""
+    async def main() -> None:
+        app = ServingApp(settings)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await app.start()
+        try:
+            await stopping.wait()
+        finally:
+            await app.stop()
+    asyncio.run(main())

@@ -1,0 +1,111 @@
+"""``streamrec serve``: the command line of a serving replica.
+
+``add_parser`` adds the ``serve`` subcommand to the ``streamrec`` parser (``stream.cli``);
+``python -m serving`` runs the same command on its own. Every flag defaults to its
+``STREAMREC_*`` variable (``ServeSettings``); ``KAFKA_BOOTSTRAP_SERVERS`` or
+``--bootstrap-servers`` selects the cluster, else the local broker is started.
+
+A replica scores with one BLAS thread unless ``OPENBLAS_NUM_THREADS`` says otherwise: requests
+are many and small, several replicas scale better than threads inside one, and on a small
+shared machine OpenBLAS threads waiting for a busy core turned a 0.4 ms lookup into 12 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from serving.settings import ServeSettings
+
+# flag name -> (type, help); the defaults shown come from ServeSettings (environment included).
+_FLAGS = {
+    "model": (str, "model name in the store and on model.updates"),
+    "store_dir": (Path, "model store folder"),
+    "host": (str, "address to bind (keep 127.0.0.1 unless a proxy in front needs otherwise)"),
+    "port": (int, "HTTP port (0: any free port)"),
+    "epsilon": (float, "default exploration probability of epsilon_greedy"),
+    "temperature": (float, "default temperature of softmax"),
+    "candidates": (int, "softmax samples among this many best-scored items"),
+    "history": (int, "recent model versions kept to score outcomes with the version that served them"),
+    "rmse_window": (int, "outcomes per kind in the served RMSE"),
+    "drift_window": (int, "observations in each of the reference and current drift windows"),
+    "shadow_window": (int, "recent outcomes a candidate snapshot is checked on"),
+    "shadow_tolerance": (float, "relative RMSE by which a candidate may be worse and still be promoted"),
+    "shadow_min_outcomes": (int, "outcomes of a kind needed before it can refuse a candidate"),
+    "seen_users": (int, "users whose seen items are kept (exclude_seen)"),
+    "seen_per_user": (int, "items kept per user (exclude_seen)"),
+    "popularity_half_life_s": (float, "half-life of the popularity counts behind the fallback"),
+    "examples_lookback_s": (float, "how far back the monitor starts reading examples"),
+}
+
+
+DESCRIPTION = ("Serve GET /recommendations, POST /predict, /healthz, /readyz and /metrics from the newest snapshot "
+               "in the model store plus the deltas on model.updates, and monitor served RMSE and drift from the "
+               "outcomes on examples.")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``serve`` to ``streamrec``'s subcommands; its handler is ``args.func``."""
+    p = subparsers.add_parser("serve", help="serve recommendations from the live model, with monitoring",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``serve``, and ``cmd_serve`` as ``func``."""
+    defaults = ServeSettings(bootstrap_servers="-")
+    p.add_argument("--bootstrap-servers", default=None,
+                   help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")
+    p.add_argument("--topic-prefix", default=defaults.topic_prefix,
+                   help="namespace prefix for every topic name (default: $STREAMREC_TOPIC_PREFIX or none)")
+    for name, (kind, text) in _FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"{text} (default {getattr(defaults, name)})")
+    p.add_argument("--kind", choices=("rating", "click"), default=None,
+                   help=f"which model ranks and scores (default {defaults.kind})")
+    p.add_argument("--seed", type=int, default=None, help="seed of the exploration policies (default: random)")
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """Checked ServeSettings from parsed flags (unset flags keep the environment's defaults); the
+    cluster is left to ``cmd_serve``, which may start the local broker."""
+    settings = ServeSettings(topic_prefix=args.topic_prefix, seed=args.seed)
+    for name in (*_FLAGS, "kind"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    try:
+        settings.check()
+    except ValueError as err:
+        raise SystemExit(f"streamrec serve: {err}") from None
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is imported (module docstring)
+    from serving.app import run
+    from stream.cli import resolve_bootstrap
+
+    settings = settings_from_args(args)
+    settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
+    run(settings)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving``: the ``serve`` subcommand as a program of its own."""
+    parser = argparse.ArgumentParser(prog="python -m serving", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130

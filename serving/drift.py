@@ -1,0 +1,174 @@
+r"""Drift statistics: has the stream moved away from what it was a window ago?
+
+Each signal keeps its last ``2 * window`` observations: the older half is the **reference
+window**, the newer half the **current window**, and both statistics compare the two. A stream
+that keeps its distribution scores near 0; a shift scores high until both windows hold shifted
+data (then the new normal becomes the reference).
+
+**Population stability index** over $B$ bins with proportions $r_b$ (reference) and $c_b$
+(current): $\mathrm{PSI} = \sum_b (c_b - r_b) \ln(c_b / r_b)$. Rules of thumb: below 0.1 stable,
+0.1 to 0.2 moderate, above 0.2 a significant shift. Half a count is added to every bin so an
+empty bin stays finite.
+
+**Kolmogorov-Smirnov**: the largest distance between the two empirical CDFs, in [0, 1].
+
+Two kinds of signals:
+
+* numeric (served scores, labels): bins are the deciles of the reference window, or its distinct
+  values when it has at most ``bins`` of them (labels: 0/1 clicks, 1..5 stars);
+* categorical (which items, which users): each id with at least ``min_count`` observations in
+  either window (at most ``bins`` of them, the most frequent) is a bin, all others share one.
+  Rare ids never get bins of their own: with a large catalogue each window sees different rare
+  items by chance, which is noise, not drift. KS runs over the bins ordered by reference
+  frequency (so it asks whether the mass moved between popular and less popular ids).
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import numpy as np
+
+_SMOOTHING = 0.5
+
+
+def psi_from_counts(reference: np.ndarray, current: np.ndarray) -> float:
+    """PSI of two count vectors over the same bins."""
+    r = (reference + _SMOOTHING) / (reference.sum() + _SMOOTHING * len(reference))
+    c = (current + _SMOOTHING) / (current.sum() + _SMOOTHING * len(current))
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def ks_from_counts(reference: np.ndarray, current: np.ndarray) -> float:
+    """KS distance of two count vectors over the same ordered bins."""
+    return float(np.max(np.abs(np.cumsum(reference) / reference.sum() - np.cumsum(current) / current.sum())))
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """PSI of two samples of a numeric signal (bins from the reference, see the module docstring).
+
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=5000), rng.normal(size=5000)
+    >>> psi(a, b) < 0.02, psi(a, b + 1.0) > 0.5
+    (True, True)
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    current = np.asarray(current, dtype=np.float64)
+    distinct = np.unique(reference)
+    if len(distinct) <= bins:
+        edges = distinct[1:]
+    else:
+        edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    n_bins = len(edges) + 1
+    ref_counts = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=n_bins)
+    cur_counts = np.bincount(np.searchsorted(edges, current, side="right"), minlength=n_bins)
+    return psi_from_counts(ref_counts.astype(np.float64), cur_counts.astype(np.float64))
+
+
+def ks(reference: np.ndarray, current: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic.
+
+    >>> ks(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])), ks(np.array([0.0, 1.0]), np.array([2.0, 3.0]))
+    (0.0, 1.0)
+    """
+    a = np.sort(np.asarray(reference, dtype=np.float64))
+    b = np.sort(np.asarray(current, dtype=np.float64))
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid, side="right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
+
+
+def categorical_counts(reference: list, current: list, bins: int = 20, min_count: int = 5
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Count vectors of two samples of ids over shared bins, ordered by reference frequency."""
+    ref, cur = Counter(reference), Counter(current)
+    frequent = {key for counter in (ref, cur) for key, n in counter.items() if n >= min_count}
+    keys = sorted(frequent, key=lambda key: (ref[key] + cur[key]), reverse=True)[:bins]
+    keys.sort(key=lambda key: (ref[key], cur[key]), reverse=True)
+    ref_counts = np.array([ref[key] for key in keys] + [0], np.float64)
+    cur_counts = np.array([cur[key] for key in keys] + [0], np.float64)
+    ref_counts[-1] = len(reference) - ref_counts.sum()
+    cur_counts[-1] = len(current) - cur_counts.sum()
+    return ref_counts, cur_counts
+
+
+class NumericDrift:
+    """Reference and current windows of a numeric signal, ``window`` observations each.
+
+    >>> d = NumericDrift(window=1000)
+    >>> rng = np.random.default_rng(1)
+    >>> d.add(rng.normal(size=1000)); d.add(rng.normal(size=1000))
+    >>> d.stats()[0] < 0.1
+    True
+    >>> d.add(rng.normal(size=1000) + 2.0); psi_value, ks_value = d.stats()
+    >>> psi_value > 0.2, ks_value > 0.5
+    (True, True)
+    """
+
+    def __init__(self, window: int = 1000, bins: int = 10) -> None:
+        if window < 2:
+            raise ValueError(f"window must be at least 2, got {window}")
+        self.window = window
+        self.bins = bins
+        self._ring = np.empty(2 * window)
+        self._next = 0  # where the next value goes; the oldest value sits there once the ring is full
+        self._n = 0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)][-len(self._ring):]
+        m, size = len(values), len(self._ring)
+        first = min(m, size - self._next)
+        self._ring[self._next:self._next + first] = values[:first]
+        self._ring[: m - first] = values[first:]
+        self._next = (self._next + m) % size
+        self._n = min(self._n + m, size)
+
+    @property
+    def ready(self) -> bool:
+        """Both windows are full."""
+        return self._n == 2 * self.window
+
+    def stats(self) -> tuple[float, float]:
+        """(PSI, KS) of the two windows; NaN until both are full."""
+        if not self.ready:
+            return float("nan"), float("nan")
+        ordered = np.concatenate([self._ring[self._next:], self._ring[: self._next]])
+        reference, current = ordered[: self.window], ordered[self.window:]
+        return psi(reference, current, bins=self.bins), ks(reference, current)
+
+
+class CategoricalDrift:
+    """Reference and current windows of ids (items, users), ``window`` observations each.
+
+    >>> d = CategoricalDrift(window=1000)
+    >>> rng = np.random.default_rng(2)
+    >>> d.add([f"i{j}" for j in rng.zipf(1.5, 2000) % 500])
+    >>> d.stats()[0] < 0.1
+    True
+    >>> d.add([f"i{j + 7}" for j in rng.zipf(1.5, 1000) % 500]); d.stats()[0] > 0.2
+    True
+    """
+
+    def __init__(self, window: int = 1000, bins: int = 20, min_count: int = 5) -> None:
+        if window < 2:
+            raise ValueError(f"window must be at least 2, got {window}")
+        self.window = window
+        self.bins = bins
+        self.min_count = min_count
+        self._ids: deque = deque(maxlen=2 * window)
+
+    def add(self, ids: list) -> None:
+        self._ids.extend(ids)
+
+    @property
+    def ready(self) -> bool:
+        return len(self._ids) == 2 * self.window
+
+    def stats(self) -> tuple[float, float]:
+        """(PSI, KS) of the two windows; NaN until both are full."""
+        if not self.ready:
+            return float("nan"), float("nan")
+        ids = list(self._ids)
+        counts = categorical_counts(ids[: self.window], ids[self.window:], self.bins, self.min_count)
+        return psi_from_counts(*counts), ks_from_counts(*counts)

@@ -1,0 +1,77 @@
+"""The serving replica's Prometheus metrics, in a registry of its own.
+
+Each ``ServingMetrics`` owns a ``CollectorRegistry``, so several servers can live in one process
+(the tests run many). The DESIGN.md names (contract) come first; the counters after them say why
+a snapshot, a delta or an example was not used. Labels are low-cardinality by construction:
+routes, kinds, signals, result codes, and the one live model version.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The *_created series double every counter for no use on a dashboard.
+disable_created_metrics()
+
+DRIFT_SIGNALS = ("score", "item_popularity", "user_activity", "label_rate")
+ROUTES = ("recommendations", "predict", "healthz", "readyz", "metrics", "unmatched")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+_FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+
+
+class ServingMetrics:
+    """Every metric of one serving replica."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # -- DESIGN.md "Metrics", serving (contract) --
+        self.served_rmse = Gauge("streamrec_served_rmse", "RMSE of the served predictions on the outcomes of "
+                                 "`examples`, over a sliding window (clicks: error of the click probability).",
+                                 ["kind"], registry=r)
+        self.drift_psi = Gauge("streamrec_drift_psi", "Population stability index, reference window vs current "
+                               "window.", ["signal"], registry=r)
+        self.drift_ks = Gauge("streamrec_drift_ks", "Kolmogorov-Smirnov statistic, reference window vs current "
+                              "window.", ["signal"], registry=r)
+        self.model_info = Gauge("streamrec_model_info", "The model version being served (value 1).", ["version"],
+                                registry=r)
+        self.model_age = Gauge("streamrec_model_age_seconds", "Seconds since the learner produced the served "
+                               "model state.", registry=r)
+        self.freshness = Histogram("streamrec_freshness_seconds", "From the newest event a delta learned from to "
+                                   "the delta being served.", buckets=_FRESHNESS_BUCKETS, registry=r)
+        self.request_seconds = Histogram("streamrec_request_seconds", "HTTP request latency by route.", ["route"],
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        # -- serving's own counters --
+        self.requests = Counter("streamrec_serving_requests", "HTTP responses by route and status class.",
+                                ["route", "status"], registry=r)
+        self.fallbacks = Counter("streamrec_serving_fallbacks", "Recommendations answered by the popularity "
+                                 "fallback (unknown users).", registry=r)
+        self.snapshots = Counter("streamrec_serving_snapshots", "Snapshots considered, by result (loaded, corrupt, "
+                                 "shadow_refused, stale).", ["result"], registry=r)
+        self.deltas = Counter("streamrec_serving_deltas", "Delta publishes considered, by result (applied, "
+                              "skipped, invalid, refused).", ["result"], registry=r)
+        self.delta_gaps = Counter("streamrec_serving_delta_gaps", "Times the next delta's seq was not the one "
+                                  "after the served one (some deltas were never seen).", registry=r)
+        self.examples = Counter("streamrec_serving_examples", "Outcomes read from `examples`, by how the version "
+                                "that scored them was found (served_version, event_time, arrival) or why they "
+                                "were not scored (anomalous, invalid, no_model).", ["result"], registry=r)
+        for signal in DRIFT_SIGNALS:
+            self.drift_psi.labels(signal).set(float("nan"))
+            self.drift_ks.labels(signal).set(float("nan"))
+        for kind in ("rating", "click"):
+            self.served_rmse.labels(kind).set(float("nan"))
+        for route in ROUTES:
+            self.request_seconds.labels(route)
+
+    def track_model(self, published_ts: Callable[[], float | None]) -> None:
+        """Compute the model age at every scrape from the live model's publish time."""
+        def age() -> float:
+            ts = published_ts()
+            return float("nan") if ts is None else max(0.0, time.time() - ts)
+        self.model_age.set_function(age)
+
+    def set_version(self, version: str) -> None:
+        """Make ``version`` the one ``streamrec_model_info`` reports."""
+        self.model_info.clear()
+        self.model_info.labels(version).set(1)

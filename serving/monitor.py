@@ -1,0 +1,244 @@
+"""The monitor: how good the served model is, and whether the world is drifting away from it.
+
+It reads the outcomes on ``examples`` (contract fields ``user_id, item_id, label, position,
+propensity, weight, model_version, request_id, ts, kind, anomalous``) and keeps:
+
+* **served RMSE** per kind over the last ``rmse_window`` outcomes: the error of the prediction
+  made by the model version that was live at the time (ratings: the predicted rating; clicks:
+  the predicted click probability against the 0/1 label). The version is, in this order, the one
+  named by the outcome's ``model_version`` (the version that served the impression) if it is
+  still held, else the one live at the outcome's event time ``ts`` if that is within the held
+  history, else the one live when the outcome arrived on ``examples``. The last case covers
+  ratings replayed with historical timestamps and old impressions; the learner consumes the
+  same topic in parallel, so that version has not learned from the outcome yet. Anomalous
+  outcomes are not scored (the learner skips them too); every outcome is counted by how its
+  version was found in ``streamrec_serving_examples_total{result}``.
+* **drift** (``serving.drift``) of four signals: ``score`` (the scores this replica served),
+  ``item_popularity`` and ``user_activity`` (which items and users the interactions involve) and
+  ``label_rate`` (the labels of all outcomes).
+* the **seen items** of each user (for ``exclude_seen``) and the **popularity** counts (for the
+  fallback); an interaction is a rating or a positive click.
+* the **recent outcomes** that the shadow check scores candidate models on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+import orjson
+
+from serving.drift import CategoricalDrift, NumericDrift
+from serving.live import LiveModel
+from serving.metrics import ServingMetrics
+from serving.model import KINDS, ServingModel
+from serving.popularity import Popularity
+from serving.seen import SeenItems
+from serving.shadow import Outcome
+from stream.events import MAX_ID_CHARS
+
+log = logging.getLogger(__name__)
+
+
+
+class SlidingRMSE:
+    """Root mean squared error over the last ``window`` errors (a ring buffer).
+
+    >>> r = SlidingRMSE(2)
+    >>> r.add(np.array([3.0, 1.0, 1.0])); r.value
+    1.0
+    """
+
+    def __init__(self, window: int) -> None:
+        self._squares = np.zeros(window)
+        self._next = 0
+        self._n = 0
+
+    def add(self, errors: np.ndarray) -> None:
+        squares = np.square(np.asarray(errors, dtype=np.float64))[-len(self._squares):]
+        w = len(self._squares)
+        idx = (self._next + np.arange(len(squares))) % w
+        self._squares[idx] = squares
+        self._next = (self._next + len(squares)) % w
+        self._n = min(self._n + len(squares), w)
+
+    @property
+    def value(self) -> float:
+        """The RMSE, NaN before any error."""
+        return math.sqrt(self._squares[: self._n].mean()) if self._n else float("nan")
+
+
+def _parse(example: object) -> tuple[str, str, float, str, float | None, str | None, bool] | None:
+    """(user, item, label, kind, ts, model_version, anomalous) of a well-formed example, else None."""
+    if not isinstance(example, dict):
+        return None
+    user, item, label, kind = (example.get(f) for f in ("user_id", "item_id", "label", "kind"))
+    ts, version, anomalous = example.get("ts"), example.get("model_version"), example.get("anomalous", False)
+    if not (isinstance(user, str) and 0 < len(user) <= MAX_ID_CHARS
+            and isinstance(item, str) and 0 < len(item) <= MAX_ID_CHARS
+            and kind in KINDS and isinstance(label, (int, float)) and not isinstance(label, bool)
+            and math.isfinite(label) and isinstance(anomalous, bool)
+            and (version is None or isinstance(version, str))
+            and (ts is None or (isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts)))):
+        return None
+    return user, item, float(label), kind, ts, version, anomalous
+
+
+class Monitor:
+    """Served RMSE, drift, seen items, popularity and recent outcomes from the ``examples`` stream.
+
+    Parameters:
+        live: the live model and its recent versions.
+        metrics: where the figures go.
+        seen: the per-user seen sets to feed.
+        popularity: the popularity counts to feed.
+        rmse_window: outcomes per kind in the served RMSE.
+        drift_window: observations in each of the reference and current windows.
+        shadow_window: recent outcomes kept for the shadow check.
+        drift_every_s: least seconds between two drift computations.
+    """
+
+    def __init__(self, live: LiveModel, metrics: ServingMetrics, seen: SeenItems, popularity: Popularity,
+                 rmse_window: int = 2000, drift_window: int = 1000, shadow_window: int = 2000,
+                 drift_every_s: float = 1.0) -> None:
+        self.live = live
+        self.metrics = metrics
+        self.seen = seen
+        self.popularity = popularity
+        self.rmse = {kind: SlidingRMSE(rmse_window) for kind in KINDS}
+        self.drift = {
+            "score": NumericDrift(drift_window),
+            "item_popularity": CategoricalDrift(drift_window),
+            "user_activity": CategoricalDrift(drift_window),
+            "label_rate": NumericDrift(drift_window),
+        }
+        self._recent: deque[Outcome] = deque(maxlen=shadow_window)
+        self.drift_every_s = drift_every_s
+        self._drift_at = 0.0
+
+    def recent_outcomes(self) -> list[Outcome]:
+        """The last ``shadow_window`` outcomes that were not anomalous."""
+        return list(self._recent)
+
+    def observe_served(self, scores: np.ndarray) -> None:
+        """Record the scores of a slate this replica served."""
+        self.drift["score"].add(scores)
+
+    def observe(self, examples: Sequence[object], arrivals: Sequence[float] | None = None) -> int:
+        """Take in a batch of decoded examples (``arrivals``: when each reached Kafka, wall time).
+
+        Returns how many were scored for the served RMSE.
+        """
+        now = time.time()
+        arrivals = arrivals if arrivals is not None else [now] * len(examples)
+        results: dict[str, int] = {}
+        groups: dict[tuple[int, str], tuple[ServingModel, list[str], list[str], list[float]]] = {}
+        items, users, labels, popular = [], [], [], []
+        for example, arrival in zip(examples, arrivals):
+            parsed = _parse(example)
+            if parsed is None:
+                results["invalid"] = results.get("invalid", 0) + 1
+                continue
+            user, item, label, kind, ts, version, anomalous = parsed
+            labels.append(label)
+            if kind == "rating" or label > 0:
+                self.seen.add(user, item)
+                items.append(item)
+                users.append(user)
+                if not anomalous:
+                    popular.append(item)
+            if anomalous:
+                results["anomalous"] = results.get("anomalous", 0) + 1
+                continue
+            self._recent.append(Outcome(user, item, label, kind))
+            model, how = self._version_for(version, ts, arrival)
+            if model is None:
+                results["no_model"] = results.get("no_model", 0) + 1
+                continue
+            results[how] = results.get(how, 0) + 1
+            group = groups.setdefault((id(model), kind), (model, [], [], []))
+            group[1].append(user)
+            group[2].append(item)
+            group[3].append(label)
+        for (_, kind), (model, g_users, g_items, g_labels) in groups.items():
+            predicted = model.predict_rows(model.users.rows(g_users), model.items.rows(g_items), kind)
+            self.rmse[kind].add(predicted - np.array(g_labels))
+        for kind in {kind for _, kind in groups}:
+            self.metrics.served_rmse.labels(kind).set(self.rmse[kind].value)
+        for result, n in results.items():
+            self.metrics.examples.labels(result).inc(n)
+        self.popularity.add(popular, now)
+        self.drift["item_popularity"].add(items)
+        self.drift["user_activity"].add(users)
+        self.drift["label_rate"].add(np.array(labels))
+        self.maybe_refresh_drift()
+        return sum(len(g[1]) for g in groups.values())
+
+    def _version_for(self, version: str | None, ts: float | None, arrival: float) -> tuple[ServingModel | None, str]:
+        if version is not None:
+            model = self.live.by_version(version)
+            if model is not None:
+                return model, "served_version"
+        if ts is not None and ts >= self.live.oldest_live_from:
+            return self.live.live_at(ts), "event_time"
+        return self.live.live_at(arrival), "arrival"
+
+    def maybe_refresh_drift(self) -> None:
+        """Recompute the drift statistics unless that was done less than ``drift_every_s`` ago."""
+        if time.monotonic() - self._drift_at >= self.drift_every_s:
+            self.refresh_drift()
+
+    def refresh_drift(self) -> None:
+        """Recompute every drift statistic now."""
+        self._drift_at = time.monotonic()
+        for signal, window in self.drift.items():
+            psi_value, ks_value = window.stats()
+            self.metrics.drift_psi.labels(signal).set(psi_value)
+            self.metrics.drift_ks.labels(signal).set(ks_value)
+
+
+async def follow_examples(monitor: Monitor, bootstrap_servers: str, topic: str, lookback_s: float,
+                          max_records: int = 1000) -> None:
+    """Feed ``monitor`` from ``topic`` until cancelled, starting ``lookback_s`` seconds back.
+
+    Every replica reads every partition (no consumer group): each keeps its own monitor.
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="latest", fetch_max_wait_ms=200)
+    await consumer.start()
+    try:
+        while topic not in await consumer.topics():
+            log.warning("topic %s does not exist yet; the monitor waits for it", topic)
+            await asyncio.sleep(2.0)
+        consumer.subscribe([topic])  # without a group: every partition is assigned to this consumer
+        while not consumer.assignment():
+            await asyncio.sleep(0.05)
+        tps = sorted(consumer.assignment())
+        # The ends first: where the lookback finds nothing, start at the end as it was *before* the
+        # lookup, so that nothing produced meanwhile is skipped.
+        ends = await consumer.end_offsets(tps)
+        since_ms = int((time.time() - lookback_s) * 1000)
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        for tp in tps:
+            consumer.seek(tp, ends[tp] if found.get(tp) is None else found[tp].offset)
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
+            values, arrivals = [], []
+            for records in batches.values():
+                for record in records:
+                    try:
+                        values.append(orjson.loads(record.value))
+                    except (orjson.JSONDecodeError, TypeError):
+                        values.append(None)
+                    arrivals.append(record.timestamp / 1000.0)
+            if values:
+                monitor.observe(values, arrivals)
+            await asyncio.sleep(0)
+    finally:
+        await consumer.stop()

@@ -1,0 +1,130 @@
+"""Answers "what should this user see now?" and "how would the model score these items?".
+
+One request holds one model version from start to end (it reads ``LiveModel.current`` once), so
+``model_version`` in a response always names the version that produced every score in it.
+
+A user the model knows is ranked by the model's logits; an unknown user gets the popularity
+fallback (``serving.popularity``), flagged with ``fallback: true``. Either way the policy runs on
+the ranking scores and reports exact propensities (``serving.policies``), and every item's
+``score`` is the model's prediction for this user: the predicted rating, or the click
+probability, per the replica's ``kind`` (an unknown user's prediction uses zero user terms).
+``exclude_seen`` drops the items the user interacted with, as far as this replica has seen them
+on ``examples``.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+
+from serving import policies
+from serving.live import LiveModel
+from serving.monitor import Monitor
+from serving.model import KINDS, ServingModel
+from serving.popularity import Popularity
+from serving.scorer import BatchScorer, Choose
+from serving.seen import SeenItems
+
+
+class NotReady(RuntimeError):
+    """No model version is loaded yet."""
+
+
+class Recommender:
+    """Slates and predictions from the live model.
+
+    Parameters:
+        live: the live model.
+        scorer: the batch scorer the ranking runs on.
+        seen: per-user seen items (``exclude_seen``).
+        popularity: fallback scores for unknown users.
+        monitor: receives the served scores (drift of the ``score`` signal), if given.
+        kind: ``"rating"`` or ``"click"``: which model ranks and scores.
+        candidates: the softmax policy's pool of best-scored items.
+        epsilon: default exploration probability of ``epsilon_greedy``.
+        temperature: default temperature of ``softmax``.
+        seed: seed of the policies' random generator (None: from the OS).
+    """
+
+    def __init__(self, live: LiveModel, scorer: BatchScorer, seen: SeenItems, popularity: Popularity,
+                 monitor: Monitor | None = None, kind: str = "rating", candidates: int = 200,
+                 epsilon: float = 0.1, temperature: float = 1.0, seed: int | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.live = live
+        self.scorer = scorer
+        self.seen = seen
+        self.popularity = popularity
+        self.monitor = monitor
+        self.kind = kind
+        self.candidates = candidates
+        self.epsilon = epsilon
+        self.temperature = temperature
+        self._rng = np.random.default_rng(seed)
+
+    def _model(self) -> ServingModel:
+        model = self.live.current
+        if model is None:
+            raise NotReady("no model is loaded yet")
+        return model
+
+    def _policy(self, policy: str, k: int, epsilon: float | None, temperature: float | None) -> Choose:
+        if policy == "greedy":
+            return partial(policies.greedy, k=k)
+        if policy == "epsilon_greedy":
+            return partial(policies.epsilon_greedy, k=k, epsilon=self.epsilon if epsilon is None else epsilon,
+                           rng=self._rng)
+        if policy == "softmax":
+            return partial(policies.softmax, k=k, temperature=self.temperature if temperature is None else temperature,
+                           rng=self._rng, candidates=self.candidates)
+        raise ValueError(f"policy must be one of {policies.POLICIES}, got {policy!r}")
+
+    async def recommend(self, user_id: str, k: int = 10, policy: str = "greedy", exclude_seen: bool = True,
+                        epsilon: float | None = None, temperature: float | None = None) -> dict:
+        """The response of ``GET /recommendations`` (see DESIGN.md, the loop)."""
+        model = self._model()
+        choose = self._policy(policy, k, epsilon, temperature)
+        user_row = model.users.row(user_id)
+        exclude = model.items.rows(self.seen.get(user_id)) if exclude_seen else np.zeros(0, np.int64)
+        exclude = exclude[exclude >= 0]
+        matrix = model.items.matrix()
+        if user_row >= 0:
+            query, offset = model.query(user_row, self.kind)
+            slate, logits = await self.scorer.rank(matrix, query, offset, exclude, choose)
+            scores = model.output(self.kind, logits)
+        else:
+            base = self.popularity.scores(model, self.kind)
+            slate, _ = await self.scorer.rank(matrix, None, 0.0, exclude, choose, base=base)
+            scores = model.predict_rows(np.full(len(slate.indices), -1, np.int64), slate.indices, self.kind)
+        if self.monitor is not None and len(scores):
+            self.monitor.observe_served(scores)
+        items = model.items
+        return {
+            "request_id": uuid.uuid4().hex,
+            "model_version": model.version,
+            "user_id": user_id,
+            "policy": policy,
+            "fallback": user_row < 0,
+            "items": [
+                {"item_id": items.id_of(int(i)), "position": position, "score": float(s), "propensity": float(p)}
+                for position, (i, s, p) in enumerate(zip(slate.indices, scores, slate.propensities), start=1)
+            ],
+        }
+
+    def predict(self, user_id: str, item_ids: Sequence[str], kind: str | None = None) -> dict:
+        """The response of ``POST /predict``: the model's scores of ``item_ids`` for ``user_id``."""
+        model = self._model()
+        kind = self.kind if kind is None else kind
+        rows = model.items.rows(item_ids)
+        user_row = model.users.row(user_id)
+        scores = model.predict_rows(np.full(len(rows), user_row, np.int64), rows, kind)
+        return {
+            "model_version": model.version,
+            "user_id": user_id,
+            "kind": kind,
+            "known_user": user_row >= 0,
+            "items": [{"item_id": item_id, "score": float(s), "known": bool(r >= 0)}
+                      for item_id, s, r in zip(item_ids, scores, rows)],
+        }

@@ -1,0 +1,249 @@
+"""Keeps the live model current: bootstrap from the model store, then follow ``model.updates``.
+
+The format is the learner's (``learner/PUBLISHING.md``, ``learner.updates``):
+
+1. **Bootstrap.** The newest snapshot in ``<store>/<model>/`` is verified (sha256 of both files)
+   and loaded off the event loop. A corrupt or unreadable one is refused, logged and counted
+   (``streamrec_serving_snapshots_total{result="corrupt"}``), and the next older one is tried.
+2. **Deltas.** ``model.updates`` has one partition; every replica assigns it and reads it from
+   offset 0 (no consumer group), reassembles each publish from its parts (``DeltaAssembler``),
+   skips publishes with ``seq`` <= the served one, and applies the rest in order. The records of
+   one fetch are applied as one build (a catching-up replica copies each table once per fetch,
+   not once per delta), built off to the side and swapped in whole (``serving.live``).
+   A publish that is invalid or of another shape (factor count, non-finite values) is refused
+   and counted; a jump in ``seq`` (deltas lost to compaction or refused) is counted as a gap and
+   the following deltas still apply, since each carries the full value of its rows.
+3. **Snapshots announced on the topic** (key ``snapshot/<model>``) newer than the served seq,
+   or at the served seq when deltas were missed, are loaded from the store, verified, and
+   promoted only if they pass the shadow check against recent outcomes (``serving.shadow``).
+   The store path in the announcement must stay inside the store.
+
+The replica is **caught up** once it has read the topic up to where it ended when the replica
+started; readiness waits for that, so a new replica joins the load balancer with the same model
+as the others and they never stop serving meanwhile. Freshness (newest event time of a delta to
+the moment it is served) is only recorded once caught up: replaying an old backlog would
+otherwise record its age, not the pipeline's delay.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from learner.updates import Delta, DeltaAssembler, SnapshotError, read_snapshot
+from serving.live import LiveModel
+from serving.metrics import ServingMetrics
+from serving.model import ServingModel
+from serving.shadow import Outcome, shadow_check
+
+log = logging.getLogger(__name__)
+
+MAX_FETCH_BYTES = 16 * 1024 * 1024
+
+
+class ModelUpdater:
+    """Bootstraps the live model and applies what the learner publishes.
+
+    Parameters:
+        store_dir: the model store.
+        model: the model name (``delta/<model>``, ``snapshot/<model>``, ``<store>/<model>/``).
+        live: the live model to keep current.
+        metrics: the replica's metrics.
+        recent_outcomes: the outcomes a candidate snapshot is shadow-checked on.
+        shadow_tolerance: how much worse (relative RMSE) a candidate may be and still be promoted.
+        shadow_min_outcomes: outcomes of a kind needed before that kind can refuse a candidate.
+    """
+
+    def __init__(self, store_dir: Path, model: str, live: LiveModel, metrics: ServingMetrics,
+                 recent_outcomes: Callable[[], list[Outcome]], shadow_tolerance: float = 0.05,
+                 shadow_min_outcomes: int = 100) -> None:
+        self.store_dir = Path(store_dir)
+        self.model = model
+        self.live = live
+        self.metrics = metrics
+        self.recent_outcomes = recent_outcomes
+        self.shadow_tolerance = shadow_tolerance
+        self.shadow_min_outcomes = shadow_min_outcomes
+        self.caught_up = False
+        self._assembler = DeltaAssembler()
+        self._missed_deltas = False
+        self._delta_key = f"delta/{model}".encode()
+        self._snapshot_key = f"snapshot/{model}".encode()
+
+    # -- the model store ---------------------------------------------------------------------
+
+    async def bootstrap(self) -> bool:
+        """Serve the newest snapshot that verifies; False when the store has none."""
+        for folder in self._snapshot_folders():
+            try:
+                candidate = await _load(folder)
+            except SnapshotError as err:
+                self._refuse("corrupt", f"refused snapshot {folder}: {err}")
+                continue
+            self.live.swap(candidate)
+            self._missed_deltas = False
+            self.metrics.snapshots.labels("loaded").inc()
+            log.info("serving snapshot %s (%d users, %d items)", candidate.version, len(candidate.users),
+                     len(candidate.items))
+            return True
+        log.info("no usable snapshot of %r in %s: starting from the deltas on the topic", self.model, self.store_dir)
+        return False
+
+    def _snapshot_folders(self) -> list[Path]:
+        """Complete snapshot folders, newest (highest seq) first; unreadable manifests last."""
+        base = self.store_dir / self.model
+        found = []
+        for manifest in base.glob("*/manifest.json") if base.is_dir() else ():
+            if manifest.parent.name.startswith("."):
+                continue
+            try:
+                seq = int(json.loads(manifest.read_text())["seq"])
+            except (OSError, ValueError, KeyError, TypeError):
+                seq = -1
+            found.append((seq, manifest.parent))
+        return [folder for _, folder in sorted(found, key=lambda f: f[0], reverse=True)]
+
+    def _refuse(self, result: str, message: str) -> None:
+        self.metrics.snapshots.labels(result).inc()
+        log.warning(message)
+
+    # -- model.updates -----------------------------------------------------------------------
+
+    async def process(self, records: Sequence[tuple[bytes | None, bytes | None]]) -> None:
+        """Handle a batch of (key, value) records of ``model.updates``, in offset order."""
+        pending: list[Delta] = []
+        for key, value in records:
+            if key == self._delta_key:
+                delta = self._assemble(value)
+                if delta is not None and self._accept(delta, pending):
+                    pending.append(delta)
+            elif key == self._snapshot_key:
+                await self._apply(pending)
+                pending = []
+                await self._consider_snapshot(value)
+        await self._apply(pending)
+
+    def _assemble(self, value: bytes | None) -> Delta | None:
+        try:
+            return self._assembler.add(orjson.loads(value))
+        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            self.metrics.deltas.labels("invalid").inc()
+            log.warning("ignored an invalid delta message: %s", err)
+            return None
+
+    def _accept(self, delta: Delta, pending: list[Delta]) -> bool:
+        """Whether ``delta`` goes into the next build (counting and logging why not)."""
+        base = pending[-1] if pending else self.live.current
+        if base is not None and delta.seq <= base.seq:
+            self.metrics.deltas.labels("skipped").inc()
+            return False
+        try:
+            (self.live.current or ServingModel.empty(self.model, _factors(delta))).check(delta)
+        except ValueError as err:
+            self.metrics.deltas.labels("refused").inc()
+            self._missed_deltas = True
+            log.warning("refused delta %s: %s", delta.version, err)
+            return False
+        if base is not None and delta.seq != base.seq + 1:
+            self.metrics.delta_gaps.inc()
+            self._missed_deltas = True
+            log.warning("deltas %d..%d never arrived; applying %s (rows they changed stay stale until a snapshot)",
+                        base.seq + 1, delta.seq - 1, delta.version)
+        return True
+
+    async def _apply(self, pending: list[Delta]) -> None:
+        if not pending:
+            return
+        base = self.live.current or ServingModel.empty(self.model, _factors(pending[0]))
+        built = await asyncio.get_running_loop().run_in_executor(None, base.apply, pending)
+        now = time.time()
+        self.live.swap(built, now)
+        self.metrics.deltas.labels("applied").inc(len(pending))
+        if self.caught_up:
+            for delta in pending:
+                if delta.max_event_ts is not None:
+                    self.metrics.freshness.observe(max(0.0, now - float(delta.max_event_ts)))
+
+    async def _consider_snapshot(self, value: bytes | None) -> None:
+        try:
+            manifest = orjson.loads(value)
+            seq, path = int(manifest["seq"]), str(manifest["path"])
+            announced = manifest["files"]
+        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as err:
+            self._refuse("corrupt", f"ignored an unreadable snapshot announcement: {err}")
+            return
+        live = self.live.current
+        if live is not None and (seq < live.seq or (seq == live.seq and not self._missed_deltas)):
+            self.metrics.snapshots.labels("stale").inc()
+            return
+        folder = (self.store_dir / path).resolve()
+        if not folder.is_relative_to(self.store_dir.resolve()):
+            self._refuse("corrupt", f"refused snapshot {path!r}: outside the model store")
+            return
+        try:
+            candidate = await _load(folder, announced)
+        except SnapshotError as err:
+            self._refuse("corrupt", f"refused snapshot {folder}: {err}")
+            return
+        live = self.live.current
+        if live is not None:
+            verdict = shadow_check(live, candidate, self.recent_outcomes(), self.shadow_tolerance,
+                                   self.shadow_min_outcomes)
+            if not verdict.promote:
+                self._refuse("shadow_refused", f"kept {live.version}, refused snapshot {candidate.version}: "
+                                               f"{verdict.reason}")
+                return
+            log.info("promoting snapshot %s over %s: %s", candidate.version, live.version, verdict.reason)
+        self.live.swap(candidate)
+        self._missed_deltas = False
+        self.metrics.snapshots.labels("loaded").inc()
+
+    async def follow(self, bootstrap_servers: str, topic: str) -> None:
+        """Read ``topic`` from offset 0 and apply it until cancelled."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                    fetch_max_wait_ms=100, max_partition_fetch_bytes=MAX_FETCH_BYTES,
+                                    fetch_max_bytes=MAX_FETCH_BYTES)
+        await consumer.start()
+        try:
+            while topic not in await consumer.topics():
+                log.warning("topic %s does not exist yet; waiting for it", topic)
+                await asyncio.sleep(2.0)
+            tp = TopicPartition(topic, 0)  # model.updates has one partition (PUBLISHING.md)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while True:
+                if not self.caught_up and await consumer.position(tp) >= end:
+                    self.caught_up = True
+                    log.info("caught up with %s at offset %d, serving %s", topic, end,
+                             self.live.current.version if self.live.current else "nothing yet")
+                batches = await consumer.getmany(tp, timeout_ms=500, max_records=100)
+                records = batches.get(tp, [])
+                if records:
+                    await self.process([(r.key, r.value) for r in records])
+        finally:
+            await consumer.stop()
+
+
+def _factors(delta: Delta) -> int:
+    return (delta.users if len(delta.users) else delta.items).vectors.shape[1]
+
+
+async def _load(folder: Path, announced: dict | None = None) -> ServingModel:
+    """Verify and load a snapshot off the event loop; SnapshotError says why it cannot be served."""
+    def load() -> ServingModel:
+        snapshot = read_snapshot(folder)
+        if announced is not None and snapshot.manifest.get("files") != announced:
+            raise SnapshotError(f"{folder}: the files in the store are not the ones announced on the topic")
+        try:
+            return ServingModel.from_snapshot(snapshot)
+        except (ValueError, KeyError) as err:
+            raise SnapshotError(f"{folder}: {err}") from None
+    return await asyncio.get_running_loop().run_in_executor(None, load)
