@@ -84,8 +84,7 @@ def measure_in_process(store: Path, n_users: int, n: int, k: int, seed: int) -> 
     model = ServingModel.from_snapshot(read_snapshot(store / "mf" / "mf-1"))
     live = LiveModel(1, ServingMetrics())
     live.swap(model)
-    scorer = BatchScorer()
-    recommender = Recommender(live, scorer, SeenItems(), Popularity(), seed=seed)
+    recommender = Recommender(live, BatchScorer(), SeenItems(), Popularity(), seed=seed)
     users = [f"u{j}" for j in np.random.default_rng(seed).integers(0, n_users, n)]
 
     async def run() -> list[float]:
@@ -97,10 +96,7 @@ def measure_in_process(store: Path, n_users: int, n: int, k: int, seed: int) -> 
             await recommender.recommend(user, k)
             out.append(time.perf_counter() - started)
         return out
-    try:
-        return asyncio.run(run())
-    finally:
-        scorer.close()
+    return asyncio.run(run())
 
 
 def load_generator(url: str, n_users: int, concurrency: int, max_requests: int, max_seconds: float, k: int,

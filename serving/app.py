@@ -97,7 +97,6 @@ class ServingApp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
-        self.scorer.close()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Return once ready; TimeoutError after ``timeout_s`` seconds."""

@@ -360,30 +360,28 @@ def test_the_scorer_batches_concurrent_requests_and_keeps_versions_apart():
     old, new = (rng.normal(size=(500, 6)).astype(np.float32) for _ in range(2))
     queries = rng.normal(size=(12, 6)).astype(np.float32)
     sizes = []
-    products = scorer_module._products
+    run_batch = scorer_module._run_batch
 
     def counting(batch):
         sizes.append(len(batch))
-        return products(batch)
+        return run_batch(batch)
 
     async def body():
         scorer = BatchScorer()
-        try:
-            jobs = [scorer.rank(old if j % 2 else new, queries[j], 1.0, np.array([0, 1]), partial(greedy, k=3))
-                    for j in range(12)]
-            jobs.append(scorer.rank(old, None, 0.0, np.zeros(0, np.int64), partial(greedy, k=2),
-                                    base=np.arange(500, dtype=np.float32)))
-            jobs.append(scorer.rank(old, queries[0], 0.0, np.zeros(0, np.int64), lambda s: 1 / 0))
-            return await asyncio.gather(*jobs, return_exceptions=True)
-        finally:
-            scorer.close()
+        jobs = [scorer.rank(old if j % 2 else new, queries[j], 1.0, np.array([0, 1]), partial(greedy, k=3))
+                for j in range(12)]
+        jobs.append(scorer.rank(old, None, 0.0, np.zeros(0, np.int64), partial(greedy, k=2),
+                                base=np.arange(500, dtype=np.float32)))
+        jobs.append(scorer.rank(old, queries[0], 0.0, np.zeros(0, np.int64), lambda s: 1 / 0))
+        jobs.append(scorer.rank(old, queries[0][:3], 0.0, np.zeros(0, np.int64), partial(greedy, k=3)))
+        return await asyncio.gather(*jobs, return_exceptions=True)
 
-    scorer_module._products = counting
+    scorer_module._run_batch = counting
     try:
         results = asyncio.run(body())
     finally:
-        scorer_module._products = products
-    assert sum(sizes) == 14 and len(sizes) < 14
+        scorer_module._run_batch = run_batch
+    assert sum(sizes) == 15 and len(sizes) < 15
     for j in range(12):
         scores = (old if j % 2 else new) @ queries[j] + 1.0
         scores[[0, 1]] = -np.inf
@@ -392,3 +390,4 @@ def test_the_scorer_batches_concurrent_requests_and_keeps_versions_apart():
         np.testing.assert_allclose(chosen, scores[slate.indices], rtol=1e-6)
     assert results[12][0].indices.tolist() == [499, 498]
     assert isinstance(results[13], ZeroDivisionError)
+    assert isinstance(results[14], ValueError)  # a query of the wrong length fails its own request only
