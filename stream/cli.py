@@ -25,6 +25,8 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("kafka", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python's IO thread warns whenever the GIL held it past 100 ms: noise on a busy 2-core box.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 def resolve_bootstrap(explicit: str | None) -> str:
