@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from bench.common import emit
 from stream.config import Topics
 from stream.kafka_local import broker_for_run, free_port
 from stream.metrics import scrape, total
+from stream.processes import stop
 from stream.producer import EventProducer
 from stream.sources import synthetic_events
 from stream.topics import ensure_topics
@@ -114,11 +114,7 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
                 peak_kb = int(line.split()[1])
         return rate, peak_kb / 1024
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main(argv: list[str] | None = None) -> dict:

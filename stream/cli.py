@@ -12,10 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from stream.config import PROJECT_ROOT, StreamSettings, Topics
+from stream.config import SHARED_DATA, StreamSettings, Topics
 
 log = logging.getLogger("streamrec")
-SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -54,6 +54,8 @@ class Topics:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The datasets for tests, benchmarks and the demo live beside the checkout, never inside it.
+SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
 
 
 def env(name: str, default: str) -> str:

@@ -14,26 +14,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from stream import kafka_local
 from stream.closed_loop import ClosedLoop
-from stream.config import PROJECT_ROOT, Topics
+from stream.config import PROJECT_ROOT, SHARED_DATA, Topics
 from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
 from stream.export import export_obp
 from stream.metrics import scrape, total
+from stream.processes import spawn, stop
 from stream.producer import EventProducer
 from stream.report import write_report
 from stream.simulator import Schedule, Simulation
 from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
-SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
 
 BROKEN_MESSAGES = [
     b"{this is not json",
@@ -45,22 +43,6 @@ BROKEN_MESSAGES = [
                 "request_id": "r", "model_version": "m", "policy": "greedy",
                 "items": [{"item_id": "a", "position": 1, "propensity": 0}]}).encode(),
 ]
-
-
-def _spawn(run: Path, name: str, *args: str) -> subprocess.Popen:
-    out = open(run / f"{name}.log", "wb")
-    env = dict(os.environ, STREAMREC_HOME=str(run / "state"), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "stream.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _labelled(samples: dict, name: str, label: str) -> dict[str, float]:
@@ -100,16 +82,16 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
         ports = {name: kafka_local.free_port() for name in ("worker", "learner", "serving")}
         common = ["--bootstrap-servers", bootstrap, "--topic-prefix", topics.prefix]
         procs = {
-            "worker": _spawn(run, "worker", "worker", *common, "--log-dir", str(run / "log"),
+            "worker": spawn(run, "worker", "worker", *common, "--log-dir", str(run / "log"),
                              "--web-port", str(ports["worker"]), "--attribution-window-s", "120"),
-            "learner": _spawn(run, "learner", "learner", *common, "--store-dir", str(run / "models"),
+            "learner": spawn(run, "learner", "learner", *common, "--store-dir", str(run / "models"),
                               "--checkpoint-dir", str(run / "checkpoints"), "--web-port", str(ports["learner"]),
                               "--n-factors", "16", "--publish-interval-s", "1", "--snapshot-interval-s", "20"),
-            "serving": _spawn(run, "serving", "serve", *common, "--store-dir", str(run / "models"),
+            "serving": spawn(run, "serving", "serve", *common, "--store-dir", str(run / "models"),
                               "--port", str(ports["serving"]), "--kind", "click", "--seed", "0"),
         }
         for proc in procs.values():
-            stack.callback(_stop, proc)
+            stack.callback(stop, proc)
         print(f"Kafka {bootstrap}; worker, learner and serving started (logs in {run})", flush=True)
         serve_url = f"http://127.0.0.1:{ports['serving']}"
         _wait_ready(f"{serve_url}/healthz", procs, 120)

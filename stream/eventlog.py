@@ -110,6 +110,13 @@ def _hour_folder(hour_bucket: int) -> tuple[str, str]:
     return t.strftime("%Y-%m-%d"), t.strftime("%H")
 
 
+def _hour_start(folder: Path) -> float:
+    """Epoch seconds at which the ``date=YYYY-MM-DD/hour=HH`` folder's hour begins (UTC)."""
+    date = folder.parent.name.split("=", 1)[1]
+    hour = int(folder.name.split("=", 1)[1])
+    return datetime.strptime(date, "%Y-%m-%d").replace(hour=hour, tzinfo=timezone.utc).timestamp()
+
+
 class ParquetLog:
     """Writes and reads the two datasets under ``root`` (see the module docstring)."""
 
@@ -147,14 +154,15 @@ class ParquetLog:
             return []
         out = []
         for folder in sorted(base.glob("date=*/hour=*")):
-            if since_ts is not None:
-                date = folder.parent.name.split("=", 1)[1]
-                hour = int(folder.name.split("=", 1)[1])
-                start = datetime.strptime(date, "%Y-%m-%d").replace(hour=hour, tzinfo=timezone.utc).timestamp()
-                if start + 3600 <= since_ts:
-                    continue
+            if since_ts is not None and _hour_start(folder) + 3600 <= since_ts:
+                continue
             out.extend(sorted(folder.glob("part-*.parquet")))
         return out
+
+    def newest_hour_start(self, dataset: str) -> float | None:
+        """Start of the newest hour that holds files of ``dataset``, or None for an empty log."""
+        files = self.files(dataset)
+        return _hour_start(files[-1].parent) if files else None
 
     def read(self, dataset: str, since_ts: float | None = None, columns: Iterable[str] | None = None) -> pd.DataFrame:
         """The rows of ``dataset`` (optionally only ts >= since_ts) as a DataFrame."""

@@ -212,10 +212,10 @@ class IngestPipeline:
         are duplicates when Kafka delivers them again, and impressions still inside their window
         wait for clicks as if the worker had never stopped.
         """
-        files = log.files(EVENTS)
-        if not files:
+        newest_hour = log.newest_hour_start(EVENTS)
+        if newest_hour is None:
             return {"events": 0, "open_slates": 0}
-        newest = log.read(EVENTS, since_ts=_newest_hour_start(log), columns=["ts"])["ts"].max()
+        newest = log.read(EVENTS, since_ts=newest_hour, columns=["ts"])["ts"].max()
         horizon = max(self.dedupe.window_s, self.joiner.window_s)
         rows = log.read(EVENTS, since_ts=newest - horizon)
         ids = rows.drop_duplicates("event_id")
@@ -252,13 +252,6 @@ def _label_name(example: dict) -> str:
     if example["kind"] == "rating":
         return "rating"
     return "positive" if example["label"] > 0 else "negative"
-
-
-def _newest_hour_start(log: ParquetLog) -> float:
-    newest_file = log.files(EVENTS)[-1]
-    date = newest_file.parent.parent.name.split("=", 1)[1]
-    hour = int(newest_file.parent.name.split("=", 1)[1])
-    return pd.Timestamp(f"{date} {hour:02d}:00", tz="UTC").timestamp()
 
 
 def _impression_from_rows(group: pd.DataFrame) -> dict:

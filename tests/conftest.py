@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from stream import kafka_local
+from stream.config import SHARED_DATA
 
-SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 
 
 @pytest.fixture(scope="session")

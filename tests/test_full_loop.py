@@ -6,20 +6,16 @@ of that kind within seconds.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from stream import events as ev
 from stream.config import Topics
 from stream.kafka_local import free_port
+from stream.processes import spawn, stop
 from stream.producer import EventProducer
 from stream.topics import ensure_topics
 from tests.workerproc import wait_for
@@ -28,12 +24,6 @@ pytestmark = pytest.mark.kafka
 
 A = [f"a{i}" for i in range(10)]
 B = [f"b{i}" for i in range(10)]
-
-
-def _spawn(root: Path, name: str, *args: str) -> subprocess.Popen:
-    out = open(root / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "stream.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, STREAMREC_HOME=str(root / name), PYTHONUNBUFFERED="1"))
 
 
 def _sessions(user: str, liked: list[str], n: int, rng: random.Random, t0: float) -> list[dict]:
@@ -68,12 +58,12 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
     common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", topics.prefix]
     port = free_port()
     procs = [
-        _spawn(tmp_path, "worker", "worker", *common, "--log-dir", str(tmp_path / "log"), "--web-port", "0",
+        spawn(tmp_path, "worker", "worker", *common, "--log-dir", str(tmp_path / "log"), "--web-port", "0",
                "--batch-timeout-s", "0.2", "--attribution-window-s", "2", "--no-anomaly"),
-        _spawn(tmp_path, "learner", "learner", *common, "--store-dir", str(tmp_path / "store"),
+        spawn(tmp_path, "learner", "learner", *common, "--store-dir", str(tmp_path / "store"),
                "--checkpoint-dir", str(tmp_path / "ckpt"), "--web-port", "0", "--n-factors", "8",
                "--publish-interval-s", "0.3", "--snapshot-interval-s", "2", "--device", "cpu"),
-        _spawn(tmp_path, "serving", "serve", *common, "--store-dir", str(tmp_path / "store"),
+        spawn(tmp_path, "serving", "serve", *common, "--store-dir", str(tmp_path / "store"),
                "--port", str(port), "--kind", "click", "--seed", "0"),
     ]
     rng = random.Random(0)
@@ -108,10 +98,4 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
         assert all(p.poll() is None for p in procs), "a component died"
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from kafka import KafkaProducer
 from learner.updates import DeltaAssembler, latest_snapshot, read_snapshot
 from stream.config import Topics
 from stream.kafka_local import free_port
-from stream.metrics import scrape, total
+from stream.metrics import scrape
 from stream.topics import ensure_topics
 from tests.workerproc import read_topic, wait_for
 
