@@ -3,7 +3,9 @@
 Produces N events (a realistic mix from ``stream.sources.synthetic_events``) into the broker, then
 measures in the same run:
 
-- ``raw``: an aiokafka consumer that only fetches and ``json.loads`` every message;
+- ``raw``: an aiokafka consumer that only fetches and decodes every message with ``orjson.loads``,
+  the parser the pipeline's fast path uses (``raw_stdlib_json`` repeats it with ``json.loads``,
+  the peer of earlier runs, for comparison);
 - ``pipeline``: ``streamrec worker`` (Faust: validate, dedupe, Parquet log, click join, sends to
   ``examples``), timed from its first accepted event to its N-th through its /metrics counter.
 
@@ -25,7 +27,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
+import orjson
 from tqdm import tqdm
 
 from bench.common import emit
@@ -48,7 +52,7 @@ def produce(bootstrap: str, topic: str, n: int, seed: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-async def _raw_consume(bootstrap: str, topic: str, n: int) -> float:
+async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object]) -> float:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
@@ -58,7 +62,6 @@ async def _raw_consume(bootstrap: str, topic: str, n: int) -> float:
     try:
         seen = 0
         first = None
-        loads = json.loads
         while seen < n:
             batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
             for records in batches.values():
@@ -72,9 +75,9 @@ async def _raw_consume(bootstrap: str, topic: str, n: int) -> float:
         await consumer.stop()
 
 
-def raw_consume(bootstrap: str, topic: str, n: int) -> float:
-    """Events per second of a raw aiokafka consumer that only decodes JSON."""
-    return asyncio.run(_raw_consume(bootstrap, topic, n))
+def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object] = orjson.loads) -> float:
+    """Events per second of a raw aiokafka consumer that only decodes JSON (with ``loads``)."""
+    return asyncio.run(_raw_consume(bootstrap, topic, n, loads))
 
 
 def _events_seen(port: int) -> float:
@@ -134,11 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_topics(bootstrap, args.partitions, topics)
         produce_rate = produce(bootstrap, topics.events, n, args.seed)
         raw = raw_consume(bootstrap, topics.events, n)
+        raw_stdlib = raw_consume(bootstrap, topics.events, n, json.loads)
         pipeline, peak_rss = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
     result = {
         "events": n,
         "pipeline_events_per_s": round(pipeline, 1),
         "raw_events_per_s": round(raw, 1),
+        "raw_stdlib_json_events_per_s": round(raw_stdlib, 1),
         "ratio": round(pipeline / raw, 3),
         "peak_rss_mb": round(peak_rss, 1),
         "produce_events_per_s": round(produce_rate, 1),

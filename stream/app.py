@@ -2,10 +2,14 @@
 
 The ingest service reads ``events`` in batches (up to ``batch_size`` events or ``batch_timeout_s``
 seconds), hands each batch to ``IngestPipeline`` and then, in this order: sends the dead letters,
-examples and anomalies and waits until Kafka has them, writes the batch's rows to the Parquet log,
-and only then commits the batch's offsets. A crash at any point therefore replays the batch; the
-dedupe window, seeded from the log at start-up, keeps a replayed event from being logged twice.
-Sends are at least once; the log is exactly once.
+examples and anomalies and waits until Kafka has them, makes the batch's rows visible in the
+Parquet log, and only then commits the batch's offsets. A crash at any point therefore replays
+the batch; the dedupe window, seeded from the log at start-up, keeps a replayed event from being
+logged twice. Sends are at least once; the log is exactly once.
+
+The steps overlap where that is safe: the log files are encoded in a thread (under temporary
+names) while Kafka acknowledges the sends, and the next batch is processed while the previous one
+becomes durable. One batch is in flight at a time, so offsets are committed in order.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable
 from pathlib import Path
 
 import faust
@@ -41,26 +46,36 @@ class Worker:
     group_id: str
     app: faust.App = field(init=False)
 
-    async def handle(self, records: list[Record]) -> BatchResult:
-        """Process one batch and make it durable (sends delivered, rows on disk)."""
-        started = time.perf_counter()
-        result = self.pipeline.process(records)
-        await self.publish(result)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        return result
+    async def start_publish(self, result: BatchResult) -> Awaitable[None]:
+        """Start making a batch durable; the returned awaitable finishes once it is.
 
-    async def publish(self, result: BatchResult) -> None:
+        The batch's messages go to the producer and its Parquet files are encoded in a thread
+        under temporary names, both at once; the files become visible (renamed) only after Kafka
+        has acknowledged every message, so the log never holds an event whose output could still
+        be lost (a replayed event found in the log is a duplicate and produces nothing again).
+        """
         topics = self.topics
         messages = [(topics.dlq, key, message) for key, message in result.dlq]
         messages += [(topics.examples, e["user_id"].encode(), e) for e in result.examples]
         messages += [(topics.anomalies, str(a["entity"]).encode(), a) for a in result.anomalies]
-        if messages:
-            await self.sender.send(messages)
-        if result.examples or result.log_rows:
-            tag = str(time.time_ns())
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.log.write, EXAMPLES, result.examples, tag)
-            await loop.run_in_executor(None, self.log.write, EVENTS, result.log_rows, tag)
+        acknowledged = await self.sender.enqueue(messages) if messages else None
+        staged = None
+        if result.examples or result.log_table.num_rows:
+            staged = asyncio.get_running_loop().run_in_executor(None, self._stage, result, str(time.time_ns()))
+        return self._durable(acknowledged, staged)
+
+    def _stage(self, result: BatchResult, tag: str) -> list:
+        return self.log.stage(EXAMPLES, result.examples, tag) + self.log.stage(EVENTS, result.log_table, tag)
+
+    async def _durable(self, acknowledged: Awaitable | None, staged: Awaitable | None) -> None:
+        if acknowledged is not None:
+            await acknowledged
+        if staged is not None:
+            self.log.commit(await staged)
+
+    async def publish(self, result: BatchResult) -> None:
+        """Make a batch durable and wait for it."""
+        await (await self.start_publish(result))
 
 
 class IngestService(Service):
@@ -101,16 +116,32 @@ class IngestService(Service):
 
     @Service.task
     async def _consume(self) -> None:
+        """Fetch, process, publish; batch N+1 is processed while batch N becomes durable, and
+        N's offsets are committed once it is (commits stay in order, one batch in flight)."""
         consumer, worker = self._consumer, self.worker
         timeout_ms = int(worker.settings.batch_timeout_s * 1000)
+        in_flight: tuple[asyncio.Future, dict, float] | None = None
         while not self.should_stop:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=worker.settings.batch_size)
             if not fetched:
+                if in_flight is not None:
+                    await self._finish(*in_flight)
+                    in_flight = None
                 continue
+            started = time.perf_counter()
             records = [Record(m.value, m.partition, m.offset, m.key, m.topic)
                        for messages in fetched.values() for m in messages]
-            await worker.handle(records)
-            await consumer.commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
+            durable = asyncio.ensure_future(await worker.start_publish(worker.pipeline.process(records)))
+            if in_flight is not None:
+                await self._finish(*in_flight)
+            in_flight = (durable, {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}, started)
+        if in_flight is not None:  # a clean stop; a crash or cancellation replays the batch instead
+            await self._finish(*in_flight)
+
+    async def _finish(self, durable: asyncio.Future, offsets: dict, started: float) -> None:
+        await durable
+        await self._consumer.commit(offsets)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
 def create_worker(
@@ -130,6 +161,9 @@ def create_worker(
         idle_grace_s=settings.idle_grace_s,
     )
     event_log = ParquetLog(settings.log_dir)
+    stale = event_log.remove_temporary()
+    if stale:
+        log.info("removed %d log files staged but never committed (their events will be replayed)", stale)
     restored = pipeline.restore(event_log)
     log.info("restored from %s: %d recent event ids, %d open slates",
              settings.log_dir, restored["events"], restored["open_slates"])

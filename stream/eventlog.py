@@ -7,7 +7,9 @@ Two datasets live under one root:
 - ``examples``: the labelled rows the join produced (click label, position, propensity, weight).
 
 Files are written whole and atomically: a temporary file in the target folder, then a rename,
-so a reader (or a worker restarting after SIGKILL) never sees half a file. The worker writes the
+so a reader (or a worker restarting after SIGKILL) never sees half a file. The two steps are
+separate calls (``stage``, ``commit``) so that the worker can encode a batch's files while Kafka
+acknowledges the batch's output, and make them visible only after. The worker writes the
 rows of a batch before it acknowledges the batch's Kafka offsets, which makes the log the durable
 record of what was accepted; ``read`` brings it back as a pandas DataFrame.
 """
@@ -16,18 +18,19 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections import defaultdict
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 EVENTS = "events"
 EXAMPLES = "examples"
+TEMPORARY_SUFFIX = ".tmp"
 
 EVENTS_SCHEMA = pa.schema([
     ("event_id", pa.string()),
@@ -68,40 +71,73 @@ EXAMPLES_SCHEMA = pa.schema([
 SCHEMAS = {EVENTS: EVENTS_SCHEMA, EXAMPLES: EXAMPLES_SCHEMA}
 
 
-def event_rows(event: dict, partition: int | None = None, offset: int | None = None) -> list[dict]:
-    """The log rows of one validated event: one per shown item for an impression, else one."""
-    base = {
-        "event_id": event["event_id"],
-        "type": event["type"],
-        "user_id": event["user_id"],
-        "ts": float(event["ts"]),
-        "request_id": event.get("request_id"),
-        "model_version": event.get("model_version"),
-        "policy": event.get("policy"),
-        "surface": event.get("surface"),
-        "item_id": event.get("item_id"),
-        "position": event.get("position"),
-        "propensity": None,
-        "score": None,
-        "value": event.get("value"),
-        "slate_size": None,
-        "context": json.dumps(event["context"], separators=(",", ":")) if "context" in event else None,
-        "source_partition": partition,
-        "source_offset": offset,
+def events_table(
+    events: Sequence[dict],
+    partitions: Sequence[int | None] | None = None,
+    offsets: Sequence[int | None] | None = None,
+) -> pa.Table:
+    """The log rows of validated events as one Arrow table (``EVENTS_SCHEMA``), in event order:
+    one row per shown item for an impression, else one row.
+
+    Built column by column: the per-event columns once per event, then repeated for the shown
+    items by Arrow's ``take``, so an impression of ten items costs four short Python lists, not
+    ten dictionaries.
+    """
+    n = len(events)
+    partitions = [None] * n if partitions is None else partitions
+    offsets = [None] * n if offsets is None else offsets
+    item_id: list = []
+    position: list = []
+    propensity: list = []
+    score: list = []
+    rows_per_event = []
+    slate_size = []
+    for e in events:
+        if e["type"] == "impression":
+            items = e["items"]
+            item_id += [item["item_id"] for item in items]
+            position += [item["position"] for item in items]
+            propensity += [item["propensity"] for item in items]
+            score += [item.get("score") for item in items]
+            rows_per_event.append(len(items))
+            slate_size.append(len(items))
+        else:
+            item_id.append(e.get("item_id"))
+            position.append(e.get("position"))
+            propensity.append(None)
+            score.append(None)
+            rows_per_event.append(1)
+            slate_size.append(None)
+    per_event = {
+        "event_id": [e["event_id"] for e in events],
+        "type": [e["type"] for e in events],
+        "user_id": [e["user_id"] for e in events],
+        "ts": [e["ts"] for e in events],
+        "request_id": [e.get("request_id") for e in events],
+        "model_version": [e.get("model_version") for e in events],
+        "policy": [e.get("policy") for e in events],
+        "surface": [e.get("surface") for e in events],
+        "value": [e.get("value") for e in events],
+        "slate_size": slate_size,
+        "context": [json.dumps(e["context"], separators=(",", ":")) if "context" in e else None for e in events],
+        "source_partition": partitions,
+        "source_offset": offsets,
     }
-    if event["type"] != "impression":
-        return [base]
-    items = event["items"]
-    rows = []
-    for item in items:
-        row = dict(base)
-        row["item_id"] = item["item_id"]
-        row["position"] = item["position"]
-        row["propensity"] = item["propensity"]
-        row["score"] = item.get("score")
-        row["slate_size"] = len(items)
-        rows.append(row)
-    return rows
+    per_row = {"item_id": item_id, "position": position, "propensity": propensity, "score": score}
+    parent = pa.array(np.repeat(np.arange(n), rows_per_event))
+    columns = []
+    for name in EVENTS_SCHEMA.names:
+        kind = EVENTS_SCHEMA.field(name).type
+        if name in per_row:
+            columns.append(pa.array(per_row[name], kind))
+        else:
+            columns.append(pa.array(per_event[name], kind).take(parent))
+    return pa.Table.from_arrays(columns, schema=EVENTS_SCHEMA)
+
+
+def event_rows(event: dict, partition: int | None = None, offset: int | None = None) -> list[dict]:
+    """The log rows of one validated event as dictionaries (see ``events_table``)."""
+    return events_table([event], [partition], [offset]).to_pylist()
 
 
 @lru_cache(maxsize=4096)
@@ -117,35 +153,59 @@ def _hour_start(folder: Path) -> float:
     return datetime.strptime(date, "%Y-%m-%d").replace(hour=hour, tzinfo=timezone.utc).timestamp()
 
 
+def _table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pydict({name: [row[name] for row in rows] for name in schema.names}, schema=schema)
+
+
 class ParquetLog:
     """Writes and reads the two datasets under ``root`` (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
-    def write(self, dataset: str, rows: Sequence[dict], tag: str = "") -> list[Path]:
-        """Write ``rows`` as one file per (date, hour) partition they fall in; return the paths.
+    def write(self, dataset: str, rows: Sequence[dict] | pa.Table, tag: str = "") -> list[Path]:
+        """Write ``rows`` (dictionaries or an Arrow table of the dataset's schema) as one file per
+        (date, hour) partition they fall in; return the paths.
 
         ``tag`` goes into the file names (the worker puts the source partition and offsets there).
         """
-        if not rows:
-            return []
+        return self.commit(self.stage(dataset, rows, tag))
+
+    def stage(self, dataset: str, rows: Sequence[dict] | pa.Table, tag: str = "") -> list[tuple[Path, Path]]:
+        """The slow half of ``write``: encode and write the files under temporary names that
+        readers ignore; returns (temporary, final) path pairs for ``commit``."""
         schema = SCHEMAS[dataset]
-        by_hour: dict[int, list[dict]] = defaultdict(list)
-        for row in rows:
-            by_hour[int(row["ts"] // 3600)].append(row)
-        written = []
-        for bucket, part in sorted(by_hour.items()):
-            date, hour = _hour_folder(bucket)
+        table = rows if isinstance(rows, pa.Table) else _table(rows, schema)
+        if table.num_rows == 0:
+            return []
+        hours = np.floor_divide(table.column("ts").to_numpy(), 3600).astype(np.int64)
+        buckets = np.unique(hours)
+        staged = []
+        for bucket in buckets:
+            part = table if len(buckets) == 1 else table.filter(pa.array(hours == bucket))
+            date, hour = _hour_folder(int(bucket))
             folder = self.root / dataset / f"date={date}" / f"hour={hour}"
             folder.mkdir(parents=True, exist_ok=True)
             name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
-            table = pa.Table.from_pydict({name: [row[name] for row in part] for name in schema.names}, schema=schema)
-            tmp = folder / f".{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, folder / name)
-            written.append(folder / name)
-        return written
+            tmp = folder / f".{name}{TEMPORARY_SUFFIX}"
+            pq.write_table(part, tmp)
+            staged.append((tmp, folder / name))
+        return staged
+
+    @staticmethod
+    def commit(staged: Sequence[tuple[Path, Path]]) -> list[Path]:
+        """Make staged files visible, each by one atomic rename; returns the final paths."""
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        return [final for _, final in staged]
+
+    def remove_temporary(self) -> int:
+        """Delete files staged but never committed (a worker stopped between the two); returns
+        how many there were. Their rows were not acknowledged, so Kafka delivers them again."""
+        stale = list(self.root.glob(f"*/date=*/hour=*/.part-*{TEMPORARY_SUFFIX}"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def files(self, dataset: str, since_ts: float | None = None) -> list[Path]:
         """The finished files of ``dataset``, oldest hour first; only hours that may hold ts >= since_ts."""

@@ -99,7 +99,8 @@ class ImpressionJoiner:
         if click["item_id"] in slate.clicked:
             return DUPLICATE, None
         slate.clicked.add(click["item_id"])
-        return MATCHED, self._example(slate.impression, item, 1.0, click["ts"], click["event_id"])
+        (example,) = self._examples(slate.impression, [item], 1.0, click["ts"], click["event_id"])
+        return MATCHED, example
 
     def advance(self, watermark: float) -> list[dict]:
         """Move event time to ``watermark``; return the negatives of every slate whose window closed."""
@@ -110,10 +111,9 @@ class ImpressionJoiner:
         while deadlines and deadlines[0][0] < self.watermark:
             close_at, request_id = heapq.heappop(deadlines)
             slate = self._open.pop(request_id)
-            imp = slate.impression
-            for item_id, item in slate.items.items():
-                if item_id not in slate.clicked:
-                    negatives.append(self._example(imp, item, 0.0, imp["ts"], imp["event_id"]))
+            imp, clicked = slate.impression, slate.clicked
+            unclicked = [item for item_id, item in slate.items.items() if item_id not in clicked]
+            negatives += self._examples(imp, unclicked, 0.0, imp["ts"], imp["event_id"])
             self._closed[request_id] = close_at
             heapq.heappush(self._closed_order, (close_at, request_id))
         self._forget_closed()
@@ -149,19 +149,26 @@ class ImpressionJoiner:
             _, request_id = heapq.heappop(order)
             self._closed.pop(request_id, None)
 
-    def _example(self, imp: dict, item: dict, label: float, ts: float, event_id: str) -> dict:
-        return {
-            "user_id": imp["user_id"],
-            "item_id": item["item_id"],
-            "label": label,
-            "position": item["position"],
-            "propensity": item["propensity"],
-            "weight": ips_weight(item["propensity"], self.max_weight),
-            "model_version": imp["model_version"],
-            "request_id": imp["request_id"],
-            "ts": ts,
-            "kind": "click",
-            "anomalous": False,
-            "policy": imp["policy"],
-            "event_id": event_id,
-        }
+    def _examples(self, imp: dict, items: list[dict], label: float, ts: float, event_id: str) -> list[dict]:
+        """One example per item of the slate ``imp`` (this loop runs once per shown item)."""
+        user_id, model_version, request_id, policy = (
+            imp["user_id"], imp["model_version"], imp["request_id"], imp["policy"])
+        max_weight = self.max_weight
+        return [
+            {
+                "user_id": user_id,
+                "item_id": item["item_id"],
+                "label": label,
+                "position": item["position"],
+                "propensity": item["propensity"],
+                "weight": ips_weight(item["propensity"], max_weight),
+                "model_version": model_version,
+                "request_id": request_id,
+                "ts": ts,
+                "kind": "click",
+                "anomalous": False,
+                "policy": policy,
+                "event_id": event_id,
+            }
+            for item in items
+        ]

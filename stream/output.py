@@ -9,18 +9,13 @@ a user's examples stay in one partition, in order, as they would with a plain ``
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from typing import Awaitable, Iterable, Sequence
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 Message = tuple[str, bytes | None, dict]  # topic, key, JSON-serialisable value
-
-
-def encode_json(value: dict) -> bytes:
-    """Compact UTF-8 JSON. Values come from validated events, so every number is finite."""
-    return orjson.dumps(value)
 
 
 class BatchSender:
@@ -45,11 +40,12 @@ class BatchSender:
             await self._producer.stop()
             self._producer = None
 
-    async def _partition(self, topic: str, key: bytes | None) -> int:
-        count = self._partitions.get(topic)
-        if count is None:
-            count = len(await self._producer.partitions_for(topic))
-            self._partitions[topic] = count
+    async def _partition_counts(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            if topic not in self._partitions:
+                self._partitions[topic] = len(await self._producer.partitions_for(topic))
+
+    def _partition(self, topic: str, key: bytes | None) -> int:
         if key is None:
             return 0
         cache_key = (topic, key)
@@ -57,33 +53,45 @@ class BatchSender:
         if partition is None:
             if len(self._key_partition) > 1_000_000:
                 self._key_partition.clear()
-            partition = (murmur2(key) & 0x7FFFFFFF) % count
+            partition = (murmur2(key) & 0x7FFFFFFF) % self._partitions[topic]
             self._key_partition[cache_key] = partition
         return partition
 
-    async def send(self, messages: Iterable[Message]) -> int:
+    async def send(self, messages: Sequence[Message]) -> int:
         """Send every message; wait until all are acknowledged. Returns how many were sent."""
+        return await (await self.enqueue(messages))
+
+    async def enqueue(self, messages: Sequence[Message]) -> Awaitable[int]:
+        """Hand every message to the producer; the returned awaitable finishes when Kafka has
+        acknowledged all of them (and returns how many there were).
+
+        The caller can do other work between the two steps: the worker processes its next batch
+        while the broker acknowledges this one.
+        """
         await self.start()
+        await self._partition_counts({topic for topic, _, _ in messages})
         builders: dict[tuple[str, int], object] = {}
         pending = []
-        sent = 0
-        producer = self._producer
+        producer, partition_of, dumps = self._producer, self._partition, orjson.dumps
         for topic, key, value in messages:
-            partition = await self._partition(topic, key)
+            partition = partition_of(topic, key)
             slot = (topic, partition)
             builder = builders.get(slot)
             if builder is None:
                 builder = builders[slot] = producer.create_batch()
-            payload = encode_json(value)
+            payload = dumps(value)  # compact UTF-8; values come from validated events, all finite
             if builder.append(key=key, value=payload, timestamp=None) is None:
                 pending.append(await producer.send_batch(builder, topic, partition=partition))
                 builder = builders[slot] = producer.create_batch()
                 if builder.append(key=key, value=payload, timestamp=None) is None:
                     raise ValueError(f"a message of {len(payload)} bytes does not fit in a batch")
-            sent += 1
         for (topic, partition), builder in builders.items():
             if builder.record_count():
                 pending.append(await producer.send_batch(builder, topic, partition=partition))
-        if pending:
-            await asyncio.gather(*pending)
-        return sent
+        return _all_acknowledged(pending, len(messages))
+
+
+async def _all_acknowledged(pending: list, count: int) -> int:
+    if pending:
+        await asyncio.gather(*pending)
+    return count

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import pandas as pd
-
 from stream import metrics
 from stream.dedupe import DedupeWindow
-from stream.eventlog import EVENTS, EXAMPLES, ParquetLog, event_rows
+import pyarrow as pa
+
+from stream.eventlog import EVENTS, EVENTS_SCHEMA, EXAMPLES, ParquetLog, events_table
 from stream.events import InvalidEvent, decode
 from stream.join import MATCHED, ImpressionJoiner
 
@@ -47,7 +48,7 @@ class Record:
 class BatchResult:
     """What one batch produced: rows to log, messages to send, counts for the logs."""
 
-    log_rows: list[dict] = field(default_factory=list)
+    log_table: pa.Table = field(default_factory=EVENTS_SCHEMA.empty_table)
     examples: list[dict] = field(default_factory=list)
     dlq: list[tuple[bytes | None, dict]] = field(default_factory=list)
     anomalies: list[dict] = field(default_factory=list)
@@ -121,6 +122,8 @@ class IngestPipeline:
     def process(self, records: Sequence[Record]) -> BatchResult:
         out = BatchResult()
         accepted: list[dict] = []
+        partitions: list[int] = []
+        offsets: list[int] = []
         examples = out.examples
         dlq_reasons: Counter = Counter()
         types: Counter = Counter()
@@ -136,7 +139,8 @@ class IngestPipeline:
                 out.duplicates += 1
                 continue
             accepted.append(event)
-            out.log_rows.extend(event_rows(event, record.partition, record.offset))
+            partitions.append(record.partition)
+            offsets.append(record.offset)
             kind = event["type"]
             types[kind] += 1
             if kind == "impression":
@@ -150,6 +154,7 @@ class IngestPipeline:
                 examples.append(rating_example(event))
         out.accepted = len(accepted)
         if accepted:
+            out.log_table = events_table(accepted, partitions, offsets)
             self._last_event_ts = max(self._last_event_ts, max(e["ts"] for e in accepted))
             self._last_batch_wall = time.monotonic()
             examples.extend(joiner.advance(self._last_event_ts))
@@ -193,17 +198,25 @@ class IngestPipeline:
         return out
 
     def _finish_examples(self, examples: list[dict]) -> None:
+        """Mark the examples of users the detector flags as anomalous; count examples by label."""
         detector = self.detector
+        if detector is not None:
+            flags: dict[str, bool] = {}
+            flagged = 0
+            for example in examples:
+                user = example["user_id"]
+                flag = flags.get(user)
+                if flag is None:
+                    flag = flags[user] = detector.is_flagged(user)
+                if flag:
+                    example["anomalous"] = True
+                    flagged += 1
+            if flagged:
+                metrics.SKIPPED_ANOMALOUS.inc(flagged)
         labels: Counter = Counter()
-        flagged = 0
         for example in examples:
-            if detector is not None and detector.is_flagged(example["user_id"]):
-                example["anomalous"] = True
-                flagged += 1
-            labels[(example["kind"], _label_name(example))] += 1
-        _count(metrics.EXAMPLES, labels)
-        if flagged:
-            metrics.SKIPPED_ANOMALOUS.inc(flagged)
+            labels[example["kind"], example["label"] > 0] += 1
+        _count(metrics.EXAMPLES, {(kind, _label_name(kind, positive)): n for (kind, positive), n in labels.items()})
 
     def restore(self, log: ParquetLog) -> dict:
         """Rebuild the dedupe window and the open slates from the log after a (re)start.
@@ -248,10 +261,10 @@ def _count(counter, counts: dict) -> None:
         counter.labels(*(label if isinstance(label, tuple) else (label,))).inc(n)
 
 
-def _label_name(example: dict) -> str:
-    if example["kind"] == "rating":
+def _label_name(kind: str, positive: bool) -> str:
+    if kind == "rating":
         return "rating"
-    return "positive" if example["label"] > 0 else "negative"
+    return "positive" if positive else "negative"
 
 
 def _impression_from_rows(group: pd.DataFrame) -> dict:

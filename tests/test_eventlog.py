@@ -16,6 +16,7 @@ from stream.eventlog import (
     EXAMPLES_SCHEMA,
     ParquetLog,
     event_rows,
+    events_table,
 )
 
 # 2023-11-14 22:13:20 UTC
@@ -94,6 +95,41 @@ def test_click_and_rating_are_one_row_each():
     (r,) = event_rows(rating(value=3))
     assert (r["type"], r["item_id"], r["value"], r["request_id"], r["position"]) == ("rating", "z", 3, None, None)
     assert isinstance(r["ts"], float)
+
+
+def test_events_table_is_the_rows_of_each_event_in_order():
+    """A batch's table holds every event's rows, in event order, with each event's source offsets."""
+    batch = [impression(event_id="i1"), click(event_id="c1"), rating(event_id="r1"),
+             impression(event_id="i2", request_id="r2", with_extras=False)]
+    table = events_table(batch, [0, 1, 2, 3], [10, 11, 12, 13])
+    assert table.schema == EVENTS_SCHEMA
+    expected = [row for k, event in enumerate(batch) for row in event_rows(event, k, 10 + k)]
+    assert table.to_pylist() == expected
+    assert [r["event_id"] for r in expected] == ["i1"] * 3 + ["c1", "r1"] + ["i2"] * 3
+
+
+def test_write_accepts_an_arrow_table_and_splits_it_by_hour(tmp_path):
+    """A table whose rows are not in time order still lands one file per hour, nothing lost."""
+    batch = [rating(ts=utc(2024, 1, 1, 5), event_id="a"), rating(ts=utc(2024, 1, 1, 7), event_id="b"),
+             rating(ts=utc(2024, 1, 1, 5, 30), event_id="c")]
+    paths = ParquetLog(tmp_path).write(EVENTS, events_table(batch))
+    assert sorted(p.parent.name for p in paths) == ["hour=05", "hour=07"]
+    assert sorted(ParquetLog(tmp_path).read(EVENTS)["event_id"]) == ["a", "b", "c"]
+
+
+def test_staged_files_are_invisible_until_committed_and_removable(tmp_path):
+    """stage writes temporary files readers ignore; commit renames them; remove_temporary deletes
+    what was staged and never committed (a worker stopped in between)."""
+    log = ParquetLog(tmp_path)
+    staged = log.stage(EVENTS, events_table([rating(event_id="kept")]))
+    assert log.files(EVENTS) == [] and all(tmp.exists() for tmp, _ in staged)
+    assert log.commit(staged) == [final for _, final in staged]
+    assert log.read(EVENTS)["event_id"].tolist() == ["kept"]
+    log.stage(EXAMPLES, [example_row(T)])
+    log.stage(EVENTS, events_table([rating(event_id="lost")]))
+    assert log.remove_temporary() == 2
+    assert log.read(EVENTS)["event_id"].tolist() == ["kept"] and log.read(EXAMPLES).empty
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [staged[0][1].name]
 
 
 # -- write: partitions and atomicity --------------------------------------------------------------

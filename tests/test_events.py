@@ -367,3 +367,38 @@ def test_fast_path_agrees_with_the_detailed_validator() -> None:
                     paths = _paths(event)
                     event = with_(event, rng.choice(paths), rng.choice(_MUTATIONS)) if paths else event
     assert cases > 1000
+
+
+def _outcome(decoder, raw: bytes):
+    try:
+        return ("ok", decoder(raw))
+    except InvalidEvent as err:
+        return (err.reason, err.detail)
+
+
+def test_decode_fast_path_agrees_with_the_standard_library_on_raw_bytes() -> None:
+    """``decode`` parses with orjson first; its event, or its reason and detail, must be exactly
+    what the standard library's parser and the detailed validator give, for mutated events and
+    for byte-level edge cases where the two parsers differ (huge numbers, surrogates, NaN)."""
+    rng = random.Random(11)
+    raws = [b'{"ts": 1e400}', b'{"schema_version": 100000000000000000000000}',
+            b'{"a": "\\ud800"}', b'{"a": "\\ud83d\\ude00"}', b"\xef\xbb\xbf{}", b'{"ts": NaN}', b"  {} "]
+    for make in (make_impression, make_click, make_rating):
+        base = make()
+        raws.append(json.dumps(base).encode())
+        for path in _paths(base):
+            for value in _MUTATIONS:
+                event = with_(base, path, value)
+                raws.append(json.dumps(event).encode())  # NaN and Infinity stay as bare tokens
+                paths = _paths(event)
+                if paths:
+                    raws.append(json.dumps(with_(event, rng.choice(paths), rng.choice(_MUTATIONS)), indent=1).encode())
+        for field_name in ("event_id", "user_id"):
+            for text in ('"\\ud800"', '"\\udc00x"', "1" + "0" * 400, "1e999", '"\\u00e9"'):
+                raws.append(json.dumps(base).replace(json.dumps(base[field_name]), text, 1).encode())
+    accepted = 0
+    for raw in raws:
+        fast, slow = _outcome(decode, raw), _outcome(events._decode_slow, raw)
+        assert fast == slow, raw
+        accepted += fast[0] == "ok"
+    assert accepted >= 3 and len(raws) - accepted > 1000

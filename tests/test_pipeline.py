@@ -99,7 +99,7 @@ class FakeDetector:
 def write_result(log: ParquetLog, result) -> None:
     """What the worker does with a batch result: examples and event rows into the log."""
     log.write(EXAMPLES, result.examples)
-    log.write(EVENTS, result.log_rows)
+    log.write(EVENTS, result.log_table)
 
 
 # -- dead letters ---------------------------------------------------------------------------------
@@ -158,10 +158,10 @@ def test_every_dlq_reason_in_a_mixed_batch(clock):
         json.dumps(message)  # the DLQ message itself must be JSON-serialisable
     assert result.accepted == 3
     assert result.duplicates == 0
-    assert sorted({r["event_id"] for r in result.log_rows}) == ["g1", "g2", "g3"]
-    offsets = {r["event_id"]: (r["source_partition"], r["source_offset"]) for r in result.log_rows}
+    assert sorted({r["event_id"] for r in result.log_table.to_pylist()}) == ["g1", "g2", "g3"]
+    offsets = {r["event_id"]: (r["source_partition"], r["source_offset"]) for r in result.log_table.to_pylist()}
     assert offsets == {"g1": (4, 100), "g2": (4, 105), "g3": (4, 111)}
-    assert len(result.log_rows) == 4  # two rows for the impression, one each for click and rating
+    assert len(result.log_table.to_pylist()) == 4  # two rows for the impression, one each for click and rating
     assert summary(result.examples) == [("click", "r1", "b", 1.0), ("rating", "", "z", 3.5)]
     for r in reasons:
         assert sample("streamrec_dlq_total", reason=r) == before[r] + 1
@@ -203,10 +203,10 @@ def test_duplicates_counted_and_not_logged():
     dup_before = sample("streamrec_duplicates_total")
     first = p.process(records(GOOD_IMP, clk("c1", "r1", "a", T + 1), GOOD_IMP))
     assert (first.accepted, first.duplicates) == (2, 1)
-    assert [r["event_id"] for r in first.log_rows] == ["g1", "g1", "c1"]
+    assert [r["event_id"] for r in first.log_table.to_pylist()] == ["g1", "g1", "c1"]
     second = p.process(records(clk("c1", "r1", "a", T + 1), GOOD_IMP, start=3))
     assert (second.accepted, second.duplicates) == (0, 2)
-    assert second.log_rows == [] and second.examples == []
+    assert second.log_table.num_rows == 0 and second.examples == []
     assert second.join_outcomes == {}
     assert len(first.examples) == 1
     assert sample("streamrec_duplicates_total") == dup_before + 3
@@ -234,7 +234,7 @@ def test_click_join_and_outcomes():
     assert (ex["item_id"], ex["label"], ex["position"], ex["propensity"], ex["weight"]) == ("b", 1.0, 2, 0.01, 50.0)
     assert (ex["model_version"], ex["policy"], ex["ts"], ex["event_id"]) == ("m1", "epsilon_greedy", T + 3, "c1")
     assert result.accepted == 6
-    assert len(result.log_rows) == 7  # every accepted click is logged, joined or not
+    assert len(result.log_table.to_pylist()) == 7  # every accepted click is logged, joined or not
 
 
 def test_negatives_emitted_when_event_time_passes_window():
@@ -401,7 +401,7 @@ def test_restore_treats_logged_ids_as_duplicates(tmp_path):
     assert p2.restore(log) == {"events": 4, "open_slates": 1}
     result = p2.process(replay)
     assert (result.accepted, result.duplicates) == (0, 4)
-    assert result.log_rows == [] and result.examples == [] and result.dlq == []
+    assert result.log_table.to_pylist() == [] and result.examples == [] and result.dlq == []
 
 
 def test_restore_closes_open_slates_with_right_negatives(tmp_path):
