@@ -1,15 +1,17 @@
 """The Faust app of the stream worker: the ingest service, the idle timer and the /metrics page.
 
 The ingest service reads ``events`` in batches (up to ``batch_size`` events or ``batch_timeout_s``
-seconds), hands each batch to ``IngestPipeline`` and then, in this order: sends the dead letters,
-examples and anomalies and waits until Kafka has them, makes the batch's rows visible in the
-Parquet log, and only then commits the batch's offsets. A crash at any point therefore replays
-the batch; the dedupe window, seeded from the log at start-up, keeps a replayed event from being
-logged twice. Sends are at least once; the log is exactly once.
+seconds) and hands each batch to ``IngestPipeline``. Then, in this order: the batch's dead
+letters, examples and anomalies are sent and acknowledged by Kafka; its rows join the log buffer
+(``stream.logbuffer``); when the buffer is due (``log_flush_rows`` rows or
+``log_flush_interval_s`` seconds) its rows are written to the Parquet log and made visible; and
+only then are the offsets of the batches it holds committed. A crash at any point therefore
+replays those batches; the dedupe window, seeded from the log at start-up, keeps a replayed event
+from being logged twice. Sends are at least once; the log is exactly once.
 
-The steps overlap where that is safe: the log files are encoded in a thread (under temporary
-names) while Kafka acknowledges the sends, and the next batch is processed while the previous one
-becomes durable. One batch is in flight at a time, so offsets are committed in order.
+The steps overlap where that is safe: the next batch is processed while Kafka acknowledges the
+last one's output, and a flush encodes its files in a thread while batches go on. One flush is in
+flight at a time, so offsets are committed in order.
 """
 from __future__ import annotations
 
@@ -17,17 +19,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable
+from typing import Awaitable, Callable
 from pathlib import Path
 
 import faust
+import pyarrow as pa
 from aiokafka import AIOKafkaConsumer
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream import metrics
 from stream.config import StreamSettings, Topics, state_dir
-from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
+from stream.eventlog import EVENTS, EVENTS_SCHEMA, EXAMPLES, ParquetLog
+from stream.logbuffer import LogBuffer, Pending
 from stream.output import BatchSender
 from stream.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
 
@@ -44,38 +48,35 @@ class Worker:
     topics: Topics
     sender: BatchSender
     group_id: str
+    buffer: LogBuffer
     app: faust.App = field(init=False)
 
-    async def start_publish(self, result: BatchResult) -> Awaitable[None]:
-        """Start making a batch durable; the returned awaitable finishes once it is.
-
-        The batch's messages go to the producer and its Parquet files are encoded in a thread
-        under temporary names, both at once; the files become visible (renamed) only after Kafka
-        has acknowledged every message, so the log never holds an event whose output could still
-        be lost (a replayed event found in the log is a duplicate and produces nothing again).
-        """
+    async def send(self, result: BatchResult) -> Awaitable[int]:
+        """Hand a batch's dead letters, examples and anomalies to the producer; the returned
+        awaitable finishes when Kafka has acknowledged all of them."""
         topics = self.topics
         messages = [(topics.dlq, key, message) for key, message in result.dlq]
         messages += [(topics.examples, e["user_id"].encode(), e) for e in result.examples]
         messages += [(topics.anomalies, str(a["entity"]).encode(), a) for a in result.anomalies]
-        acknowledged = await self.sender.enqueue(messages) if messages else None
-        staged = None
-        if result.examples or result.log_table.num_rows:
-            staged = asyncio.get_running_loop().run_in_executor(None, self._stage, result, str(time.time_ns()))
-        return self._durable(acknowledged, staged)
-
-    def _stage(self, result: BatchResult, tag: str) -> list:
-        return self.log.stage(EXAMPLES, result.examples, tag) + self.log.stage(EVENTS, result.log_table, tag)
-
-    async def _durable(self, acknowledged: Awaitable | None, staged: Awaitable | None) -> None:
-        if acknowledged is not None:
-            await acknowledged
-        if staged is not None:
-            self.log.commit(await staged)
+        return await self.sender.enqueue(messages)
 
     async def publish(self, result: BatchResult) -> None:
-        """Make a batch durable and wait for it."""
-        await (await self.start_publish(result))
+        """Send a result that covers no offsets (the idle timer's) and buffer its log rows."""
+        await (await self.send(result))
+        self.buffer.add(result.examples, result.log_table, {})
+
+    async def flush(self, pending: Pending, commit: Callable[[dict], Awaitable[None]]) -> None:
+        """Write buffered rows (encoded in a thread, made visible by renames), then commit offsets."""
+        if pending.rows:
+            staged = await asyncio.get_running_loop().run_in_executor(None, self._stage, pending)
+            self.log.commit(staged)
+        if pending.offsets:
+            await commit(pending.offsets)
+
+    def _stage(self, pending: Pending) -> list:
+        tag = str(time.time_ns())
+        events = pa.concat_tables(pending.events) if pending.events else EVENTS_SCHEMA.empty_table()
+        return self.log.stage(EXAMPLES, pending.examples, tag) + self.log.stage(EVENTS, events, tag)
 
 
 class IngestService(Service):
@@ -116,31 +117,45 @@ class IngestService(Service):
 
     @Service.task
     async def _consume(self) -> None:
-        """Fetch, process, publish; batch N+1 is processed while batch N becomes durable, and
-        N's offsets are committed once it is (commits stay in order, one batch in flight)."""
+        """Fetch, process, send, buffer, flush. Batch N+1 is processed while Kafka acknowledges
+        batch N's output; N's rows enter the log buffer only once acknowledged; a flush writes
+        the buffer in a thread while batches go on, and commits offsets when its files are
+        visible. One flush at a time, so offsets are committed in order."""
         consumer, worker = self._consumer, self.worker
         timeout_ms = int(worker.settings.batch_timeout_s * 1000)
-        in_flight: tuple[asyncio.Future, dict, float] | None = None
+        in_flight: tuple[asyncio.Future, BatchResult, dict, float] | None = None
+        flushing: asyncio.Future | None = None
         while not self.should_stop:
+            if flushing is not None and flushing.done():
+                flushing.result()  # a failed flush stops the worker; its batches are replayed
+                flushing = None
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=worker.settings.batch_size)
-            if not fetched:
+            if fetched:
+                started = time.perf_counter()
+                records = [Record(m.value, m.partition, m.offset, m.key, m.topic)
+                           for messages in fetched.values() for m in messages]
+                result = worker.pipeline.process(records)
+                acknowledged = asyncio.ensure_future(await worker.send(result))
                 if in_flight is not None:
-                    await self._finish(*in_flight)
-                    in_flight = None
-                continue
-            started = time.perf_counter()
-            records = [Record(m.value, m.partition, m.offset, m.key, m.topic)
-                       for messages in fetched.values() for m in messages]
-            durable = asyncio.ensure_future(await worker.start_publish(worker.pipeline.process(records)))
-            if in_flight is not None:
-                await self._finish(*in_flight)
-            in_flight = (durable, {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}, started)
-        if in_flight is not None:  # a clean stop; a crash or cancellation replays the batch instead
-            await self._finish(*in_flight)
+                    await self._settle(*in_flight)
+                in_flight = (acknowledged, result, {tp: m[-1].offset + 1 for tp, m in fetched.items()}, started)
+            elif in_flight is not None:
+                await self._settle(*in_flight)
+                in_flight = None
+            if worker.buffer.due():
+                if flushing is not None:
+                    await flushing
+                flushing = asyncio.ensure_future(worker.flush(worker.buffer.take(), consumer.commit))
+        # A clean stop writes what was accepted; a crash or a cancellation replays it instead.
+        if in_flight is not None:
+            await self._settle(*in_flight)
+        if flushing is not None:
+            await flushing
+        await worker.flush(worker.buffer.take(), consumer.commit)
 
-    async def _finish(self, durable: asyncio.Future, offsets: dict, started: float) -> None:
-        await durable
-        await self._consumer.commit(offsets)
+    async def _settle(self, acknowledged: asyncio.Future, result: BatchResult, offsets: dict, started: float) -> None:
+        await acknowledged
+        self.worker.buffer.add(result.examples, result.log_table, offsets)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
@@ -168,7 +183,8 @@ def create_worker(
     log.info("restored from %s: %d recent event ids, %d open slates",
              settings.log_dir, restored["events"], restored["open_slates"])
     worker = Worker(settings, pipeline, event_log, topics, BatchSender(settings.bootstrap_servers),
-                    group_id=settings.topic_prefix + "streamrec-ingest")
+                    group_id=settings.topic_prefix + "streamrec-ingest",
+                    buffer=LogBuffer(settings.log_flush_rows, settings.log_flush_interval_s))
     datadir = state_dir() / "faust" / (settings.topic_prefix + app_id)
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

@@ -75,8 +75,8 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
     settings = StreamSettings()
     settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
     settings.topic_prefix = args.topic_prefix
-    for name in ("partitions", "batch_size", "batch_timeout_s", "dedupe_window_s",
-                 "attribution_window_s", "web_port", "web_host"):
+    for name in ("partitions", "batch_size", "batch_timeout_s", "log_flush_rows", "log_flush_interval_s",
+                 "dedupe_window_s", "attribution_window_s", "web_port", "web_host"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
@@ -234,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = StreamSettings()
     p.add_argument("--partitions", type=int, default=None, help=f"partitions of the topics it creates (default {defaults.partitions})")
     p.add_argument("--log-dir", default=None, help=f"Parquet log root (default {defaults.log_dir})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"events per batch and log flush (default {defaults.batch_size})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"events per processing batch (default {defaults.batch_size})")
     p.add_argument("--batch-timeout-s", type=float, default=None, help=f"seconds before a partial batch is processed (default {defaults.batch_timeout_s})")
+    p.add_argument("--log-flush-rows", type=int, default=None,
+                   help=f"write the log (and commit offsets) once this many rows wait (default {defaults.log_flush_rows})")
+    p.add_argument("--log-flush-interval-s", type=float, default=None,
+                   help=f"... or once the oldest waiting row is this old (default {defaults.log_flush_interval_s:g})")
     p.add_argument("--dedupe-window-s", type=float, default=None, help=f"event-time window of event_id dedupe (default {defaults.dedupe_window_s:.0f})")
     p.add_argument("--attribution-window-s", type=float, default=None, help=f"click attribution window (default {defaults.attribution_window_s:.0f})")
     p.add_argument("--web-host", default=None, help=f"address of the /metrics server (default {defaults.web_host})")

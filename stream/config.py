@@ -87,9 +87,12 @@ class StreamSettings:
     dedupe_window_s: float = field(default_factory=lambda: env_float("DEDUPE_WINDOW_S", 3600.0))
     attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 30 * 60.0))
     idle_grace_s: float = field(default_factory=lambda: env_float("IDLE_GRACE_S", 2.0))
-    # A batch closes at batch_size events or batch_timeout_s seconds; its rows are flushed to the
-    # log before its offsets are acknowledged, so these two are also the log's flush size and time.
+    # A batch closes at batch_size events or batch_timeout_s seconds.
     batch_size: int = field(default_factory=lambda: env_int("BATCH_SIZE", 5000))
     batch_timeout_s: float = field(default_factory=lambda: env_float("BATCH_TIMEOUT_S", 1.0))
+    # The log collects the rows of several batches and writes them when it holds log_flush_rows
+    # rows or its oldest row waited log_flush_interval_s; offsets are committed after each flush.
+    log_flush_rows: int = field(default_factory=lambda: env_int("LOG_FLUSH_ROWS", 200_000))
+    log_flush_interval_s: float = field(default_factory=lambda: env_float("LOG_FLUSH_INTERVAL_S", 5.0))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("WORKER_WEB_PORT", 6066))

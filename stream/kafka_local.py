@@ -203,7 +203,7 @@ def start(
     log_file = home / "broker.log"
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(
-            [java, f"-Xms256m", f"-Xmx{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            [java, "-Xms256m", f"-Xmx{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
              f"-Dlog4j.configuration=file:{home / 'log4j.properties'}",
              "-cp", classpath, "kafka.Kafka", str(config)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
