@@ -85,6 +85,68 @@ def test_unseen_ids_score_with_the_prior():
     assert len(model.users) == 2 and len(model.items) == 2  # predict never adds ids
 
 
+def test_a_rating_bias_step_splits_into_a_level_and_a_decaying_part():
+    """The first rating of a new user moves its level and its transient bias by the same step a;
+    the transient part is then scaled by bias_decay, so the exported bias is a * (1 + decay)."""
+    biases = {}
+    for decay in (0.0, 0.5, 1.0):
+        model = OnlineMF(n_factors=4, device="cpu", bias_decay=decay)
+        model.learn_batch(["a", "b"], ["x", "x"], [3.0, 3.0])
+        model.learn_batch(["new"], ["x"], [5.0])
+        biases[decay] = model.export_rows(["new"], [])[0].biases[0]
+        assert model.predict(["new"], ["x"])[0] == pytest.approx(
+            model.global_mean + biases[decay] + model.export_rows([], ["x"])[1].biases[0]
+            + model.export_rows(["new"], [])[0].vectors[0] @ model.export_rows([], ["x"])[1].vectors[0],
+            abs=1e-5)
+    assert biases[0.0] > 0.1
+    assert biases[0.5] == pytest.approx(1.5 * biases[0.0], rel=1e-5)
+    assert biases[1.0] == pytest.approx(2.0 * biases[0.0], rel=1e-5)
+
+
+def test_the_transient_bias_fades_with_the_users_next_ratings():
+    """After a run of fives, a user back at its usual rating returns to its level faster with a
+    decaying transient bias than with a persistent one."""
+    rng = np.random.default_rng(0)
+    warm_users = ids("w", rng.integers(0, 30, 3_000))
+    warm_items = ids("i", rng.integers(0, 40, 3_000))
+    usual = ["3"] * 20 + ["5"] * 6 + ["3"] * 4
+    after = {}
+    for decay in (0.3, 1.0):
+        model = OnlineMF(n_factors=4, device="cpu", bias_decay=decay, implicit_lr=0.0)
+        model.learn_batch(warm_users, warm_items, np.full(3_000, 3.0))
+        for j, label in enumerate(usual):
+            model.learn_batch(["fan"], [f"i{j}"], [float(label)])
+        after[decay] = model.predict(["fan"], ["i39"])[0]
+    assert after[0.3] < after[1.0] - 0.1, after
+
+
+def test_implicit_feedback_informs_a_new_users_taste():
+    """Two groups of users rate their own set of items 3 and two probe sets 5 and 1, in opposite
+    ways. A new user who rated only group A's set items (all 3: the ratings say nothing) is
+    expected to like A's probes, which only the items it chose to rate can tell."""
+    rng = np.random.default_rng(0)
+    events = []
+    for _ in range(2):
+        for group, liked, disliked in (("A", "P", "Q"), ("B", "Q", "P")):
+            for k in range(20):
+                events += [(f"{group}{k}", f"set{group}{j}", 3.0) for j in range(10)]
+                events += [(f"{group}{k}", f"{liked}{j}", 5.0) for j in range(10)]
+                events += [(f"{group}{k}", f"{disliked}{j}", 1.0) for j in range(10)]
+    users, items, labels = (np.array(column, dtype=object)
+                            for column in zip(*(events[e] for e in rng.permutation(len(events)))))
+    labels = labels.astype(float)
+    probes = [f"P{j}" for j in range(10)] + [f"Q{j}" for j in range(10)]
+    gap = {}
+    for implicit_lr in (0.0, 0.02):
+        model = OnlineMF(n_factors=8, device="cpu", rating_range=(1, 5), implicit_lr=implicit_lr)
+        stream(model, users, items, labels, batch=50)
+        model.learn_batch(["new"] * 10, [f"setA{j}" for j in range(10)], [3.0] * 10)
+        scores = model.predict(["new"] * 20, probes)
+        gap[implicit_lr] = scores[:10].mean() - scores[10:].mean()
+    assert abs(gap[0.0]) < 0.5, gap
+    assert gap[0.02] > 2.0, gap
+
+
 def test_tables_grow_past_a_chunk_without_collisions():
     model = OnlineMF(n_factors=4, device="cpu")
     users = ids("user-", np.arange(10_000))
@@ -142,18 +204,28 @@ def test_a_batch_scores_each_example_after_its_users_earlier_examples():
         assert batched[5] > batched[0]  # ann's scores rise as her fives come in
 
 
-def test_compiled_cpu_step_matches_the_torch_formulation():
+@pytest.mark.parametrize("settings", [
+    {}, {"implicit_window": 4, "bias_decay": 0.5, "implicit_lr": 0.05},
+])
+def test_compiled_cpu_step_matches_the_torch_formulation(settings):
+    """Same scores and same tables; the second case has users rating more items in a batch than
+    their implicit window holds."""
     users, items, labels = bursty_stream(2)
     weights = np.random.default_rng(2).uniform(0.5, 2.0, len(labels))
-    scores = []
+    scores, tables = [], []
     for compiled in (True, False):
-        model = OnlineMF(n_factors=8, device="cpu")
+        model = OnlineMF(n_factors=8, device="cpu", **settings)
         model._compiled_cpu_step = compiled
         batches = [slice(s, s + 256) for s in range(0, len(labels), 256)]
         scores.append(np.concatenate([
             model.learn_batch(users[b], items[b], labels[b], weights=weights[b]) for b in batches
         ]))
+        tables.append({name: table.numpy().copy() for name, table in model._tables.items()})
     np.testing.assert_allclose(scores[0], scores[1], rtol=0, atol=1e-4)
+    assert tables[0].keys() == tables[1].keys()
+    for name in tables[0]:
+        np.testing.assert_allclose(tables[0][name], tables[1][name], rtol=1e-3, atol=1e-4, err_msg=name)
+    assert np.abs(tables[0]["item_implicit"]).max() > 1e-3  # the implicit factors did learn
 
 
 # ------------------------------------------------------------------ display bias
@@ -250,15 +322,24 @@ def test_recommend_ranks_unseen_items_and_handles_unknown_users():
 
 
 def test_export_rows_agree_with_predict():
+    """Serving scores bias plus dot product: the exported user rows fold in the implicit part and
+    the bias level, for ratings and clicks alike."""
     users, items, labels = bursty_stream(3, n=600)
     model = OnlineMF(n_factors=8, device="cpu")
     stream(model, users, items, labels, batch=100)
+    model.learn_batch(users[:100], items[:100], np.arange(100) % 2.0, kind="click")
     u_rows, i_rows = model.export_rows(["u1", "u5"], None)
     assert u_rows.ids == ["u1", "u5"] and i_rows.ids == model.items.ids
+    row = model.users.lookup(["u1"])[0]
+    assert np.abs(u_rows.vectors[0] - model._tables["user_factors"][row].numpy()).max() > 1e-3
     j = i_rows.ids.index(items[0])
     manual = (model.global_mean + u_rows.biases[0] + i_rows.biases[j]
               + u_rows.vectors[0] @ i_rows.vectors[j])
-    assert model.predict(["u1"], [items[0]])[0] == pytest.approx(manual, abs=1e-5)
+    assert model.predict(["u1"], [items[0]], kind="rating")[0] == pytest.approx(manual, abs=1e-5)
+    logit = (model.click_intercept + u_rows.click_biases[0] + i_rows.click_biases[j]
+             + u_rows.vectors[0] @ i_rows.vectors[j])
+    click = model.predict(["u1"], [items[0]], kind="click")[0]
+    assert click == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-5)
     with pytest.raises(ValueError, match="user ids"):
         model.export_rows(["nobody"], [])
 
