@@ -14,7 +14,8 @@ Modules, one job each:
 ``updates``               bootstrap from the store, follow ``model.updates``, promote snapshots
 ``shadow``                the check a candidate snapshot must pass before promotion
 ``policies``              greedy, epsilon-greedy and softmax (Plackett-Luce) with propensities
-``scorer``                micro-batched scoring of concurrent requests
+``scorer``                micro-batched scoring of concurrent requests (exact mode)
+``index``                 IVF item index: candidates for large catalogues, scored exactly
 ``recommend``             a recommendation or prediction from the live version
 ``seen``, ``popularity``  per-user seen items, popularity fallback for unknown users
 ``drift``, ``monitor``    PSI/KS drift, served RMSE, fed from ``examples``

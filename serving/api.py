@@ -34,7 +34,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.metrics import ServingMetrics
+from serving.metrics import ROUTES, ServingMetrics
 from serving.model import KINDS
 from serving.policies import POLICIES
 from serving.recommend import NotReady, Recommender
@@ -49,6 +49,7 @@ PATHS = ("/recommendations", "/predict", "/healthz", "/readyz", "/metrics")
 RECOMMENDATION_PARAMS = ("user_id", "k", "policy", "exclude_seen", "epsilon", "temperature")
 PREDICT_FIELDS = ("user_id", "item_ids", "kind")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_ALLOWED = frozenset(RECOMMENDATION_PARAMS)
 
 
 class BadRequest(ValueError):
@@ -108,14 +109,16 @@ def parse_recommendation_query(query: Mapping[str, str]) -> RecommendationQuery:
     ...
     serving.api.BadRequest: k must be an integer in 1..100, got '0'
     """
-    unknown = sorted(set(query) - set(RECOMMENDATION_PARAMS))
-    if unknown:
+    names = set(query)
+    if not names <= _ALLOWED:
+        unknown = sorted(names - _ALLOWED)
         raise BadRequest(f"unknown parameter(s) {', '.join(map(_shown, unknown))}; "
                          f"allowed: {', '.join(RECOMMENDATION_PARAMS)}")
     getall = getattr(query, "getall", None)
-    for name in RECOMMENDATION_PARAMS:
-        if getall is not None and len(getall(name, ())) > 1:
-            raise BadRequest(f"{name} is given more than once")
+    if getall is not None and len(query) != len(names):  # a multidict with a repeated name
+        for name in RECOMMENDATION_PARAMS:
+            if len(getall(name, ())) > 1:
+                raise BadRequest(f"{name} is given more than once")
     if "user_id" not in query:
         raise BadRequest("user_id is required")
     user_id = _check_id(query["user_id"], "user_id")
@@ -171,6 +174,16 @@ def build_app(recommender: Recommender, metrics: ServingMetrics, readiness: Call
     ``readiness`` returns (ready, reason); ``before_scrape`` runs before ``/metrics`` renders
     (to refresh statistics computed lazily).
     """
+    # The labelled children, looked up once (``labels()`` costs a lock and a dict lookup per call).
+    latency = {route: metrics.request_seconds.labels(route) for route in ROUTES}
+    responses: dict[tuple[str, int], object] = {}
+
+    def count(route: str, status: int) -> None:
+        child = responses.get((route, status // 100))
+        if child is None:
+            child = responses[(route, status // 100)] = metrics.requests.labels(route, f"{status // 100}xx")
+        child.inc()
+
     @web.middleware
     async def observe(request: web.Request, handler: Callable) -> web.StreamResponse:
         started = time.perf_counter()
@@ -193,8 +206,8 @@ def build_app(recommender: Recommender, metrics: ServingMetrics, readiness: Call
         except Exception:
             log.exception("unexpected failure on %s %s", request.method, request.path)
             response = _json({"error": "internal error (logged on the server)"}, 500)
-        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-        metrics.requests.labels(route, f"{response.status // 100}xx").inc()
+        (latency.get(route) or metrics.request_seconds.labels(route)).observe(time.perf_counter() - started)
+        count(route, response.status)
         return response
 
     async def recommendations(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ import signal
 from aiohttp import web
 
 from serving.api import build_app
+from serving.index import IndexSettings
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
 from serving.monitor import Monitor, follow_examples
@@ -51,8 +52,10 @@ class ServingApp:
         self.recommender = Recommender(self.live, self.scorer, self.seen, self.popularity, self.monitor, kind=s.kind,
                                        candidates=s.candidates, epsilon=s.epsilon, temperature=s.temperature,
                                        seed=s.seed)
+        self.index = IndexSettings(mode=s.retrieval, min_items=s.ivf_min_items, probe=s.ivf_probe,
+                                   clusters=s.ivf_clusters)
         self.updater = ModelUpdater(s.store_dir, s.model, self.live, self.metrics, self.monitor.recent_outcomes,
-                                    s.shadow_tolerance, s.shadow_min_outcomes)
+                                    s.shadow_tolerance, s.shadow_min_outcomes, index=self.index)
         self.web = build_app(self.recommender, self.metrics, self.readiness, self.monitor.maybe_refresh_drift)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
@@ -95,6 +98,7 @@ class ServingApp:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.updater.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -37,6 +37,10 @@ _FLAGS = {
     "seen_per_user": (int, "items kept per user (exclude_seen)"),
     "popularity_half_life_s": (float, "half-life of the popularity counts behind the fallback"),
     "examples_lookback_s": (float, "how far back the monitor starts reading examples"),
+    "ivf_min_items": (int, "with --retrieval ivf, catalogues smaller than this are still scored exactly"),
+    "ivf_probe": (int, "with the index, clusters scored per request (more: higher recall, slower); items "
+                       "changed by deltas since the last rebuild are always scored"),
+    "ivf_clusters": (int, "k-means clusters of the index (0: about the square root of the item count)"),
 }
 
 
@@ -65,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{text} (default {getattr(defaults, name)})")
     p.add_argument("--kind", choices=("rating", "click"), default=None,
                    help=f"which model ranks and scores (default {defaults.kind})")
+    p.add_argument("--retrieval", choices=("ivf", "exact"), default=None,
+                   help="how a known user's candidates are found: 'exact' scores every item; 'ivf' scores the "
+                        "items of the --ivf-probe clusters of a k-means index nearest the user (plus every item "
+                        "a delta changed since the index was built), exactly, and runs the policy on those "
+                        "candidates: approximate retrieval, exact propensities for the policy as executed "
+                        "(serving.index, serving.policies). The index is built when a snapshot loads and "
+                        f"rebuilt in the background as deltas accumulate (default {defaults.retrieval})")
     p.add_argument("--seed", type=int, default=None, help="seed of the exploration policies (default: random)")
     p.set_defaults(func=cmd_serve)
 
@@ -73,7 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Checked ServeSettings from parsed flags (unset flags keep the environment's defaults); the
     cluster is left to ``cmd_serve``, which may start the local broker."""
     settings = ServeSettings(topic_prefix=args.topic_prefix, seed=args.seed)
-    for name in (*_FLAGS, "kind"):
+    for name in (*_FLAGS, "kind", "retrieval"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)

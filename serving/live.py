@@ -49,6 +49,16 @@ class LiveModel:
         self._by_version = {m.version: m for _, m in self._entries}
         self._metrics.set_version(model.version)
 
+    def refresh(self, model: ServingModel) -> None:
+        """Replace the current version with ``model``, the same version rebuilt (a new item
+        index): requests switch to it like on a swap, but history and metrics see no new version."""
+        if self.current is None or model.version != self.current.version:
+            raise ValueError("refresh() takes the current version rebuilt; use swap() for a new version")
+        self.current = model
+        went_live, _ = self._entries[-1]
+        self._entries[-1] = (went_live, model)
+        self._by_version[model.version] = model
+
     def by_version(self, version: str) -> ServingModel | None:
         """The held version called ``version``, or None."""
         return self._by_version.get(version)

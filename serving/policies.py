@@ -23,6 +23,15 @@ eligible items not placed at positions $< j$.
 
 Ties between equal scores are broken by a deterministic selection, so greedy's propensity 1 is
 true as well.
+
+**Candidates from an index.** A replica with an item index (``serving.index``) scores only the
+candidates the index retrieves for the user, exactly, and the policies run on those scores:
+greedy's slate is the best k *candidates*, softmax's pool $C$ is the ``candidates`` best of the
+retrieved items, and epsilon-greedy's greedy choice is the best remaining *candidate*, while its
+uniform draw still covers every eligible item of the catalogue (``Catalogue``). Retrieval is a
+deterministic function of the model version and the user, so the policy as executed is exactly
+the one these formulas describe, with "best" read as "best retrieved", and the propensities stay
+exact: they are the probabilities the sampler used, not estimates.
 """
 from __future__ import annotations
 
@@ -42,6 +51,18 @@ class Slate(NamedTuple):
 
     indices: np.ndarray
     propensities: np.ndarray
+
+
+class Catalogue(NamedTuple):
+    """The catalogue behind scores that cover only retrieved candidates.
+
+    ``scores[i]`` is the score of catalogue row ``rows[i]``; the catalogue has ``n`` rows, of
+    which ``excluded`` must not be shown.
+    """
+
+    rows: np.ndarray
+    n: int
+    excluded: np.ndarray
 
 
 def top_indices(scores: np.ndarray, m: int) -> np.ndarray:
@@ -84,7 +105,8 @@ def greedy(scores: np.ndarray, k: int) -> Slate:
     return Slate(chosen, np.ones(len(chosen)))
 
 
-def epsilon_greedy(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Generator) -> Slate:
+def epsilon_greedy(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Generator,
+                   catalogue: Catalogue | None = None) -> Slate:
     r"""Per position: the best remaining item with probability $1-\varepsilon$, else a uniform one.
 
     Parameters:
@@ -92,6 +114,9 @@ def epsilon_greedy(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Ge
         k: slate length (shorter when fewer items are eligible).
         epsilon: exploration probability in [0, 1].
         rng: the random generator (the only source of randomness).
+        catalogue: when ``scores`` cover only retrieved candidates, the catalogue behind them:
+            the greedy choice is the best remaining candidate, the uniform draw covers every
+            eligible catalogue row, and the slate's ``indices`` are catalogue rows.
 
     $\pi_j(i) = (1-\varepsilon)[i = \arg\max_{R_j} s] + \varepsilon/|R_j|$.
 
@@ -100,6 +125,8 @@ def epsilon_greedy(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Ge
     >>> slate.indices.tolist(), slate.propensities.round(3).tolist()
     ([0, 1], [0.85, 0.867])
     """
+    if catalogue is not None:
+        return _epsilon_greedy_catalogue(scores, k, epsilon, rng, catalogue)
     eligible = np.flatnonzero(scores > -np.inf) if len(scores) <= _LARGE else None
     n_eligible = len(eligible) if eligible is not None else int(np.count_nonzero(scores > -np.inf))
     k = min(k, n_eligible)
@@ -122,6 +149,49 @@ def epsilon_greedy(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Ge
         propensities[j] = epsilon / remaining + ((1.0 - epsilon) if pick == best else 0.0)
         placed.add(pick)
     return Slate(indices, propensities)
+
+
+def _epsilon_greedy_catalogue(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Generator,
+                              catalogue: Catalogue) -> Slate:
+    """``epsilon_greedy`` over retrieved candidates, exploring the whole catalogue.
+
+    Should every candidate be placed before the slate is full, the remaining positions are drawn
+    uniformly (propensity ``1 / |R_j|``).
+    """
+    n = int(catalogue.n)
+    excluded = {int(r) for r in np.unique(catalogue.excluded) if 0 <= r < n}
+    n_eligible = n - len(excluded)
+    k = min(k, n_eligible)
+    ranked = catalogue.rows[top_indices(scores, k)]
+    placed: set[int] = set()
+    indices = np.empty(k, np.int64)
+    propensities = np.empty(k)
+    g = 0
+    for j in range(k):
+        while g < len(ranked) and int(ranked[g]) in placed:
+            g += 1
+        best = int(ranked[g]) if g < len(ranked) else None
+        remaining = n_eligible - j
+        if best is None:
+            pick, propensity = _uniform_catalogue(n, excluded, placed, rng), 1.0 / remaining
+        else:
+            pick = _uniform_catalogue(n, excluded, placed, rng) if rng.random() < epsilon else best
+            propensity = epsilon / remaining + ((1.0 - epsilon) if pick == best else 0.0)
+        indices[j] = pick
+        propensities[j] = propensity
+        placed.add(pick)
+    return Slate(indices, propensities)
+
+
+def _uniform_catalogue(n: int, excluded: set[int], placed: set[int], rng: np.random.Generator) -> int:
+    """One row of ``range(n)`` drawn uniformly among those neither excluded nor placed."""
+    for _ in range(64):  # rejection: exact, and quick while most rows are eligible
+        r = int(rng.integers(n))
+        if r not in excluded and r not in placed:
+            return r
+    taken = np.fromiter(excluded | placed, np.int64)
+    remaining = np.setdiff1d(np.arange(n), taken, assume_unique=True)
+    return int(remaining[rng.integers(len(remaining))])
 
 
 def _uniform_remaining(scores: np.ndarray, eligible: np.ndarray | None, placed: set[int],

@@ -10,6 +10,11 @@ the ranking scores and reports exact propensities (``serving.policies``), and ev
 probability, per the replica's ``kind`` (an unknown user's prediction uses zero user terms).
 ``exclude_seen`` drops the items the user interacted with, as far as this replica has seen them
 on ``examples``.
+
+A known user of a version with an item index (``serving.index``) is scored on the candidates
+the index retrieves, synchronously in the request (a few thousand rows: cheaper than queueing
+it for a batch); without an index every item is scored through the ``BatchScorer``. How the
+policies treat a candidate set, with exact propensities, is in ``serving.policies``.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from serving.model import KINDS, ServingModel
 from serving.popularity import Popularity
 from serving.scorer import BatchScorer, Choose
 from serving.seen import SeenItems
+
+
+_NOTHING = np.zeros(0, np.int64)
 
 
 class NotReady(RuntimeError):
@@ -70,12 +78,13 @@ class Recommender:
             raise NotReady("no model is loaded yet")
         return model
 
-    def _policy(self, policy: str, k: int, epsilon: float | None, temperature: float | None) -> Choose:
+    def _policy(self, policy: str, k: int, epsilon: float | None, temperature: float | None,
+                catalogue: policies.Catalogue | None = None) -> Choose:
         if policy == "greedy":
             return partial(policies.greedy, k=k)
         if policy == "epsilon_greedy":
             return partial(policies.epsilon_greedy, k=k, epsilon=self.epsilon if epsilon is None else epsilon,
-                           rng=self._rng)
+                           rng=self._rng, catalogue=catalogue)
         if policy == "softmax":
             return partial(policies.softmax, k=k, temperature=self.temperature if temperature is None else temperature,
                            rng=self._rng, candidates=self.candidates)
@@ -85,22 +94,43 @@ class Recommender:
                         epsilon: float | None = None, temperature: float | None = None) -> dict:
         """The response of ``GET /recommendations`` (see DESIGN.md, the loop)."""
         model = self._model()
-        choose = self._policy(policy, k, epsilon, temperature)
+        if policy not in policies.POLICIES:
+            raise ValueError(f"policy must be one of {policies.POLICIES}, got {policy!r}")
         user_row = model.users.row(user_id)
-        exclude = model.items.rows(self.seen.get(user_id)) if exclude_seen else np.zeros(0, np.int64)
-        exclude = exclude[exclude >= 0]
+        seen = self.seen.get(user_id) if exclude_seen else ()
+        if seen:
+            exclude = model.items.rows(seen)
+            exclude = exclude[exclude >= 0]
+        else:
+            exclude = _NOTHING
         matrix = model.items.matrix()
-        if user_row >= 0:
+        if user_row >= 0 and model.index is not None:
+            query, offset = model.query(user_row, self.kind)
+            rows, logits = model.index.search(query, exclude, need=k)
+            logits += np.float32(offset)
+            if policy == "epsilon_greedy":
+                catalogue = policies.Catalogue(rows, len(model.items), exclude)
+                slate = self._policy(policy, k, epsilon, temperature, catalogue)(logits)
+                chosen = slate.indices  # catalogue rows: a uniform draw may fall outside the candidates
+                chosen_logits = matrix[chosen] @ query + np.float32(offset)
+            else:
+                slate = self._policy(policy, k, epsilon, temperature)(logits)
+                chosen, chosen_logits = rows[slate.indices], logits[slate.indices]
+            slate = policies.Slate(chosen, slate.propensities)
+            scores = model.output(self.kind, chosen_logits)
+        elif user_row >= 0:
+            choose = self._policy(policy, k, epsilon, temperature)
             query, offset = model.query(user_row, self.kind)
             slate, logits = await self.scorer.rank(matrix, query, offset, exclude, choose)
             scores = model.output(self.kind, logits)
         else:
+            choose = self._policy(policy, k, epsilon, temperature)
             base = self.popularity.scores(model, self.kind)
             slate, _ = await self.scorer.rank(matrix, None, 0.0, exclude, choose, base=base)
             scores = model.predict_rows(np.full(len(slate.indices), -1, np.int64), slate.indices, self.kind)
         if self.monitor is not None and len(scores):
             self.monitor.observe_served(scores)
-        items = model.items
+        id_of = model.items.id_of
         return {
             "request_id": uuid.uuid4().hex,
             "model_version": model.version,
@@ -108,8 +138,9 @@ class Recommender:
             "policy": policy,
             "fallback": user_row < 0,
             "items": [
-                {"item_id": items.id_of(int(i)), "position": position, "score": float(s), "propensity": float(p)}
-                for position, (i, s, p) in enumerate(zip(slate.indices, scores, slate.propensities), start=1)
+                {"item_id": id_of(i), "position": position, "score": s, "propensity": p}
+                for position, (i, s, p) in enumerate(zip(slate.indices.tolist(), np.asarray(scores, np.float64).tolist(),
+                                                         np.asarray(slate.propensities, np.float64).tolist()), start=1)
             ],
         }
 

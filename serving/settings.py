@@ -32,6 +32,10 @@ class ServeSettings:
     seen_per_user: int = field(default_factory=lambda: env_int("SEEN_PER_USER", 200))
     popularity_half_life_s: float = field(default_factory=lambda: env_float("POPULARITY_HALF_LIFE_S", 3600.0))
     examples_lookback_s: float = field(default_factory=lambda: env_float("EXAMPLES_LOOKBACK_S", 3600.0))
+    retrieval: str = field(default_factory=lambda: env("SERVE_RETRIEVAL", "ivf"))
+    ivf_min_items: int = field(default_factory=lambda: env_int("SERVE_IVF_MIN_ITEMS", 50_000))
+    ivf_probe: int = field(default_factory=lambda: env_int("SERVE_IVF_PROBE", 16))
+    ivf_clusters: int = field(default_factory=lambda: env_int("SERVE_IVF_CLUSTERS", 0))
     seed: int | None = None
 
     def check(self) -> None:
@@ -49,6 +53,9 @@ class ServeSettings:
             (self.seen_users >= 1 and self.seen_per_user >= 1, "seen_users and seen_per_user must be positive"),
             (self.popularity_half_life_s > 0, "popularity_half_life_s must be positive"),
             (self.examples_lookback_s >= 0, "examples_lookback_s must not be negative"),
+            (self.retrieval in ("ivf", "exact"), "retrieval must be ivf or exact"),
+            (self.ivf_min_items >= 1 and self.ivf_probe >= 1, "ivf_min_items and ivf_probe must be positive"),
+            (self.ivf_clusters >= 0, "ivf_clusters must not be negative (0: about sqrt(items))"),
         ]
         wrong = [message for ok, message in rules if not ok]
         if wrong:

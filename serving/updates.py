@@ -18,6 +18,14 @@ The format is the learner's (``learner/PUBLISHING.md``, ``learner.updates``):
    promoted only if they pass the shadow check against recent outcomes (``serving.shadow``).
    The store path in the announcement must stay inside the store.
 
+4. **The item index** (``serving.index``), when the settings want one, is built with the model
+   when a snapshot loads (off the event loop, before the swap) and carried through deltas. When
+   it has gone stale (many fresh items), or a catalogue built from deltas has grown large enough
+   to want one, a background task rebuilds it: k-means off the event loop, warm-started from the
+   current centroids, then every row of the version live by then assigned, and that version
+   replaced by the same version with the new index (``LiveModel.refresh``). Every swap holds one
+   lock from reading the base version to swapping, so a rebuild never undoes a delta.
+
 The replica is **caught up** once it has read the topic up to where it ended when the replica
 started; readiness waits for that, so a new replica joins the load balancer with the same model
 as the others and they never stop serving meanwhile. Freshness (newest event time of a delta to
@@ -31,11 +39,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from learner.updates import Delta, DeltaAssembler, SnapshotError, read_snapshot
+from serving.index import IndexSettings, ItemIndex, kmeans
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
 from serving.model import ServingModel
@@ -57,11 +68,12 @@ class ModelUpdater:
         recent_outcomes: the outcomes a candidate snapshot is shadow-checked on.
         shadow_tolerance: how much worse (relative RMSE) a candidate may be and still be promoted.
         shadow_min_outcomes: outcomes of a kind needed before that kind can refuse a candidate.
+        index: how candidates are retrieved (None: exact scoring, no index).
     """
 
     def __init__(self, store_dir: Path, model: str, live: LiveModel, metrics: ServingMetrics,
                  recent_outcomes: Callable[[], list[Outcome]], shadow_tolerance: float = 0.05,
-                 shadow_min_outcomes: int = 100) -> None:
+                 shadow_min_outcomes: int = 100, index: IndexSettings | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.model = model
         self.live = live
@@ -69,7 +81,10 @@ class ModelUpdater:
         self.recent_outcomes = recent_outcomes
         self.shadow_tolerance = shadow_tolerance
         self.shadow_min_outcomes = shadow_min_outcomes
+        self.index = index
         self.caught_up = False
+        self._swap_lock = asyncio.Lock()
+        self._rebuild: asyncio.Task | None = None
         self._assembler = DeltaAssembler()
         self._missed_deltas = False
         self._delta_key = f"delta/{model}".encode()
@@ -81,11 +96,12 @@ class ModelUpdater:
         """Serve the newest snapshot that verifies; False when the store has none."""
         for folder in self._snapshot_folders():
             try:
-                candidate = await _load(folder)
+                candidate = await _load(folder, index=self.index)
             except SnapshotError as err:
                 self._refuse("corrupt", f"refused snapshot {folder}: {err}")
                 continue
-            self.live.swap(candidate)
+            async with self._swap_lock:
+                self.live.swap(candidate)
             self._missed_deltas = False
             self.metrics.snapshots.labels("loaded").inc()
             log.info("serving snapshot %s (%d users, %d items)", candidate.version, len(candidate.users),
@@ -159,10 +175,12 @@ class ModelUpdater:
     async def _apply(self, pending: list[Delta]) -> None:
         if not pending:
             return
-        base = self.live.current or ServingModel.empty(self.model, _factors(pending[0]))
-        built = await asyncio.get_running_loop().run_in_executor(None, base.apply, pending)
-        now = time.time()
-        self.live.swap(built, now)
+        async with self._swap_lock:
+            base = self.live.current or ServingModel.empty(self.model, _factors(pending[0]))
+            built = await asyncio.get_running_loop().run_in_executor(None, base.apply, pending)
+            now = time.time()
+            self.live.swap(built, now)
+        self._maybe_rebuild_index()
         self.metrics.deltas.labels("applied").inc(len(pending))
         if self.caught_up:
             for delta in pending:
@@ -186,22 +204,67 @@ class ModelUpdater:
             self._refuse("corrupt", f"refused snapshot {path!r}: outside the model store")
             return
         try:
-            candidate = await _load(folder, announced)
+            candidate = await _load(folder, announced, self.index)
         except SnapshotError as err:
             self._refuse("corrupt", f"refused snapshot {folder}: {err}")
             return
-        live = self.live.current
-        if live is not None:
-            verdict = shadow_check(live, candidate, self.recent_outcomes(), self.shadow_tolerance,
-                                   self.shadow_min_outcomes)
-            if not verdict.promote:
-                self._refuse("shadow_refused", f"kept {live.version}, refused snapshot {candidate.version}: "
-                                               f"{verdict.reason}")
-                return
-            log.info("promoting snapshot %s over %s: %s", candidate.version, live.version, verdict.reason)
-        self.live.swap(candidate)
+        async with self._swap_lock:
+            live = self.live.current
+            if live is not None:
+                verdict = shadow_check(live, candidate, self.recent_outcomes(), self.shadow_tolerance,
+                                       self.shadow_min_outcomes)
+                if not verdict.promote:
+                    self._refuse("shadow_refused", f"kept {live.version}, refused snapshot {candidate.version}: "
+                                                   f"{verdict.reason}")
+                    return
+                log.info("promoting snapshot %s over %s: %s", candidate.version, live.version, verdict.reason)
+            self.live.swap(candidate)
         self._missed_deltas = False
         self.metrics.snapshots.labels("loaded").inc()
+
+    # -- the item index ------------------------------------------------------------------------
+
+    def _index_due(self, model: ServingModel | None) -> bool:
+        if self.index is None or model is None or not self.index.wants_index(len(model.items)):
+            return False
+        return model.index is None or model.index.stale
+
+    def _maybe_rebuild_index(self) -> None:
+        """Start a background rebuild of the item index when one is due and none is running."""
+        if (self._rebuild is None or self._rebuild.done()) and self._index_due(self.live.current):
+            self._rebuild = asyncio.get_running_loop().create_task(self.rebuild_index(), name="item index")
+
+    async def rebuild_index(self) -> bool:
+        """Rebuild the live version's item index now (k-means off the event loop); False when
+        none is wanted. The version live when the centroids are ready gets them."""
+        base = self.live.current
+        settings = self.index
+        if settings is None or base is None or not settings.wants_index(len(base.items)):
+            return False
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        init = base.index.centroids if base.index is not None else None
+        iterations = settings.iterations if init is None else max(1, settings.iterations // 2)
+        try:
+            centroids = await loop.run_in_executor(None, kmeans, base.items.matrix(),
+                                                   settings.n_clusters(len(base.items)), iterations, settings.seed,
+                                                   init)
+            async with self._swap_lock:
+                current = self.live.current
+                rebuilt = await loop.run_in_executor(None, _with_centroids, current, centroids, settings)
+                self.live.refresh(rebuilt)
+        except Exception:
+            log.exception("rebuilding the item index failed; the current one keeps serving")
+            return False
+        log.info("rebuilt the item index of %s (%d items, %d clusters) in %.2f s", rebuilt.version,
+                 len(rebuilt.items), len(centroids), time.perf_counter() - started)
+        return True
+
+    async def stop(self) -> None:
+        """Cancel a rebuild in progress."""
+        if self._rebuild is not None:
+            self._rebuild.cancel()
+            await asyncio.gather(self._rebuild, return_exceptions=True)
 
     async def follow(self, bootstrap_servers: str, topic: str) -> None:
         """Read ``topic`` from offset 0 and apply it until cancelled."""
@@ -236,14 +299,19 @@ def _factors(delta: Delta) -> int:
     return (delta.users if len(delta.users) else delta.items).vectors.shape[1]
 
 
-async def _load(folder: Path, announced: dict | None = None) -> ServingModel:
-    """Verify and load a snapshot off the event loop; SnapshotError says why it cannot be served."""
+def _with_centroids(model: ServingModel, centroids: np.ndarray, settings: IndexSettings) -> ServingModel:
+    return replace(model, index=ItemIndex.from_centroids(model.items.matrix(), centroids, settings))
+
+
+async def _load(folder: Path, announced: dict | None = None, index: IndexSettings | None = None) -> ServingModel:
+    """Verify and load a snapshot off the event loop (and build its item index when ``index``
+    wants one); SnapshotError says why it cannot be served."""
     def load() -> ServingModel:
         snapshot = read_snapshot(folder)
         if announced is not None and snapshot.manifest.get("files") != announced:
             raise SnapshotError(f"{folder}: the files in the store are not the ones announced on the topic")
         try:
-            return ServingModel.from_snapshot(snapshot)
+            return ServingModel.from_snapshot(snapshot, index)
         except (ValueError, KeyError) as err:
             raise SnapshotError(f"{folder}: {err}") from None
     return await asyncio.get_running_loop().run_in_executor(None, load)
