@@ -752,6 +752,20 @@ class OnlineMF:
             self._items_initialised = n_items
 
 
+@njit(cache=True, nogil=True)
+def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``keys`` in sorted order, and each key's index among them."""
+    distinct = np.empty(len(keys), dtype=np.int64)
+    slot = np.empty(len(keys), dtype=np.int64)
+    count = 0
+    for j in np.argsort(keys):
+        if count == 0 or keys[j] != distinct[count - 1]:
+            distinct[count] = keys[j]
+            count += 1
+        slot[j] = count - 1
+    return distinct[:count], slot
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _rating_kernel(user_factors, user_bias, user_level, user_curvature, user_implicit, user_rated,
                    user_history, item_factors, item_bias, item_curvature, item_g2, item_implicit,
@@ -762,14 +776,8 @@ def _rating_kernel(user_factors, user_bias, user_level, user_curvature, user_imp
     of the whole batch."""
     n, k = len(u), item_factors.shape[1]
     window = user_history.shape[1]
-    slot = np.empty(n, dtype=np.int64)  # each example's distinct item, in sorted order
-    items = np.empty(n, dtype=np.int64)
-    n_items = 0
-    for j in np.argsort(i):
-        if n_items == 0 or i[j] != items[n_items - 1]:
-            items[n_items] = i[j]
-            n_items += 1
-        slot[j] = n_items - 1
+    items, slot = _distinct(i)  # slot: each example's distinct item, in sorted order
+    n_items = len(items)
     grad = np.zeros((n_items, k), dtype=np.float32)  # the batch's item gradients, summed per item
     error = np.empty(n)
     implicit_step = np.empty(n)  # g_j / q_j: each example's implicit gradient along its item
@@ -808,14 +816,8 @@ def _rating_kernel(user_factors, user_bias, user_level, user_curvature, user_imp
         position[j] = m
     # implicit feedback: each example's gradient reaches the items its user rated before it that
     # are still among the user's last `window` items (a backward pass sums the later gradients)
-    users = np.empty(n, dtype=np.int64)
-    user_slot = np.empty(n, dtype=np.int64)
-    n_users = 0
-    for j in np.argsort(u):
-        if n_users == 0 or u[j] != users[n_users - 1]:
-            users[n_users] = u[j]
-            n_users += 1
-        user_slot[j] = n_users - 1
+    users, user_slot = _distinct(u)
+    n_users = len(users)
     later = np.zeros((n_users, k), dtype=np.float32)
     batch_count = np.zeros(n_users, dtype=np.int64)
     for j in range(n - 1, -1, -1):
