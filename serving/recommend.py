@@ -94,8 +94,7 @@ class Recommender:
                         epsilon: float | None = None, temperature: float | None = None) -> dict:
         """The response of ``GET /recommendations`` (see DESIGN.md, the loop)."""
         model = self._model()
-        if policy not in policies.POLICIES:
-            raise ValueError(f"policy must be one of {policies.POLICIES}, got {policy!r}")
+        choose = self._policy(policy, k, epsilon, temperature)  # ValueError for an unknown policy
         user_row = model.users.row(user_id)
         seen = self.seen.get(user_id) if exclude_seen else ()
         if seen:
@@ -114,17 +113,15 @@ class Recommender:
                 chosen = slate.indices  # catalogue rows: a uniform draw may fall outside the candidates
                 chosen_logits = matrix[chosen] @ query + np.float32(offset)
             else:
-                slate = self._policy(policy, k, epsilon, temperature)(logits)
+                slate = choose(logits)
                 chosen, chosen_logits = rows[slate.indices], logits[slate.indices]
             slate = policies.Slate(chosen, slate.propensities)
             scores = model.output(self.kind, chosen_logits)
         elif user_row >= 0:
-            choose = self._policy(policy, k, epsilon, temperature)
             query, offset = model.query(user_row, self.kind)
             slate, logits = await self.scorer.rank(matrix, query, offset, exclude, choose)
             scores = model.output(self.kind, logits)
         else:
-            choose = self._policy(policy, k, epsilon, temperature)
             base = self.popularity.scores(model, self.kind)
             slate, _ = await self.scorer.rank(matrix, None, 0.0, exclude, choose, base=base)
             scores = model.predict_rows(np.full(len(slate.indices), -1, np.int64), slate.indices, self.kind)

@@ -57,10 +57,6 @@ class BatchSender:
             self._key_partition[cache_key] = partition
         return partition
 
-    async def send(self, messages: Sequence[Message]) -> int:
-        """Send every message; wait until all are acknowledged. Returns how many were sent."""
-        return await (await self.enqueue(messages))
-
     async def enqueue(self, messages: Sequence[Message]) -> Awaitable[int]:
         """Hand every message to the producer; the returned awaitable finishes when Kafka has
         acknowledged all of them (and returns how many there were).
