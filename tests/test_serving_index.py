@@ -85,6 +85,8 @@ def test_candidates_are_scored_exactly_and_excluded_rows_are_minus_infinity():
     rows2, scores2 = model.index.search(query, exclude)
     assert np.isneginf(scores2[np.isin(rows2, exclude)]).all()
     assert np.isfinite(scores2[~np.isin(rows2, exclude)]).all()
+    with pytest.raises(ValueError, match="width"):
+        model.index.search(query[:-1], exclude)
 
 
 def test_a_delta_item_is_retrieved_at_once_wherever_it_lands():
@@ -106,12 +108,56 @@ def test_a_delta_item_is_retrieved_at_once_wherever_it_lands():
     np.testing.assert_allclose(scores[rows == far], after.items.matrix()[far] @ query, rtol=1e-5)
     assert far not in model.index.fresh_rows and len(model.index.assign) == 10_000
     assert model.index.assign[far] >= 0 and after.index.assign[far] == -1
-    # every item appears exactly once across clusters and fresh rows
-    every = np.concatenate(list(after.index.members) + [after.index.fresh_rows])
-    assert sorted(every.tolist()) == list(range(len(after.items)))
-    for c, members in enumerate(after.index.members):
-        np.testing.assert_array_equal(after.index.blocks[c], after.items.matrix()[members].T)
-    np.testing.assert_array_equal(after.index.fresh_block, after.items.matrix()[after.index.fresh_rows].T)
+    assert model.index.alive.all() and model.index.sizes.sum() == 10_000
+    assert far in model.index.members(model.index.assign[far]) and not after.index.alive.all()
+    assert after.index.packed is model.index.packed  # the layout is shared, not copied
+    # every item appears exactly once across clusters and fresh rows, each packed as it is now
+    assert_layout(after.index, after.items.matrix())
+
+
+def assert_layout(index, matrix):
+    """Every row of ``matrix`` exactly once across the clusters' alive members and the fresh rows;
+    the packed rows of the alive members and of the fresh rows equal the matrix's rows."""
+    members = [index.members(c) for c in range(len(index.centroids))]
+    assert [len(m) for m in members] == index.sizes.tolist()
+    every = np.concatenate(members + [index.fresh_rows])
+    assert sorted(every.tolist()) == list(range(len(matrix)))
+    assert index.packed.dtype == np.float32 and len(index.packed) == len(index.order) * matrix.shape[1]
+    for c, m in enumerate(members):
+        assert (index.assign[m] == c).all()
+        alive = index.alive[index.starts[c]:index.starts[c + 1]]
+        np.testing.assert_array_equal(index.block(c)[:, alive], matrix[m].T)
+    np.testing.assert_array_equal(index.fresh_packed, matrix[index.fresh_rows].T.ravel())
+    assert (index.assign[index.fresh_rows] == -1).all()
+
+
+def numpy_search(index, matrix, query, need=0):
+    """The candidates as the per-cluster formulation scored them: every alive member of the
+    probed clusters, then the fresh rows, each ``matrix[rows] @ query``."""
+    rows = np.concatenate([index.members(c) for c in index.probed(query, need=need)] + [index.fresh_rows])
+    return rows, matrix[rows] @ query
+
+
+def test_the_compiled_search_equals_the_numpy_formulation_before_and_after_a_delta():
+    users, items = clustered(6_000, 40, seed=8)
+    model = model_of(users, items, IndexSettings(min_items=1, probe=5))
+    rng = np.random.default_rng(0)
+    changed_ids = [f"i{j}" for j in rng.choice(6_000, 300, replace=False)]
+    changed = ModelRows(changed_ids + ["new-a", "new-b"], rng.normal(size=(302, K)), np.zeros(302), np.zeros(302))
+    after = model.apply([Delta("mf", 2, "mf-2", 3.5, -1.0, ModelRows.empty(K), changed, 1001.0, None)])
+    assert len(after.index.fresh_rows) == 302 and len(model.index.fresh_rows) == 0
+    nothing = np.zeros(0, np.int64)
+    for version in (model, after):
+        matrix = version.items.matrix()
+        for u in range(40):
+            query = version.query(u, "rating" if u % 2 else "click")[0]
+            need = 0 if u % 3 else 500
+            rows, scores = version.index.search(query, nothing, need=need)
+            want_rows, want_scores = numpy_search(version.index, matrix, query, need)
+            order, want_order = np.argsort(rows), np.argsort(want_rows)
+            np.testing.assert_array_equal(rows[order], want_rows[want_order])
+            np.testing.assert_allclose(scores[order], want_scores[want_order], rtol=1e-5, atol=1e-5)
+            assert scores.dtype == np.float32 and rows.dtype == np.int64
 
 
 def test_exact_mode_and_small_catalogues_build_no_index_and_rank_like_brute_force():
@@ -136,7 +182,7 @@ def test_a_slate_is_never_shortened_by_small_clusters_or_exclusions():
     query, _ = model.query(0, "rating")
     first = model.index.probed(query)
     rows, scores = model.index.search(query, np.zeros(0, np.int64), need=100)
-    assert len(rows) >= 100 and len(model.index.members[first[0]]) < 100
+    assert len(rows) >= 100 and len(model.index.members(first[0])) < 100
     exclude = rows[:80]
     rows, scores = model.index.search(query, exclude, need=100)
     assert np.isfinite(scores).sum() >= 100
@@ -247,10 +293,8 @@ def test_a_stale_index_is_rebuilt_in_the_background_without_losing_deltas(tmp_pa
     assert current.version == "mf-3" and current.items.row("late") >= 0
     assert not current.index.stale and len(current.index.fresh_rows) == 0
     assert current.index.centroids is not old_centroids
-    every = np.concatenate(current.index.members)
-    assert sorted(every.tolist()) == list(range(len(current.items)))
-    for c, members in enumerate(current.index.members):
-        np.testing.assert_array_equal(current.index.blocks[c], current.items.matrix()[members].T)
+    assert current.index.alive.all()
+    assert_layout(current.index, current.items.matrix())
     assert live.by_version("mf-3") is current
 
 
