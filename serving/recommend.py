@@ -15,10 +15,14 @@ A known user of a version with an item index (``serving.index``) is scored on th
 the index retrieves, synchronously in the request (a few thousand rows: cheaper than queueing
 it for a batch); without an index every item is scored through the ``BatchScorer``. How the
 policies treat a candidate set, with exact propensities, is in ``serving.policies``.
+
+A ``request_id`` is a random 64-bit prefix drawn once per replica followed by a 64-bit counter
+(32 hex digits, like a UUID's): unique without a call into the OS's random source per request.
 """
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 from collections.abc import Sequence
 from functools import partial
 
@@ -71,6 +75,8 @@ class Recommender:
         self.epsilon = epsilon
         self.temperature = temperature
         self._rng = np.random.default_rng(seed)
+        self._request_prefix = secrets.token_hex(8)
+        self._request_counter = itertools.count()
 
     def _model(self) -> ServingModel:
         model = self.live.current
@@ -129,7 +135,7 @@ class Recommender:
             self.monitor.observe_served(scores)
         id_of = model.items.id_of
         return {
-            "request_id": uuid.uuid4().hex,
+            "request_id": f"{self._request_prefix}{next(self._request_counter):016x}",
             "model_version": model.version,
             "user_id": user_id,
             "policy": policy,

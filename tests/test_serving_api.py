@@ -75,11 +75,14 @@ def test_recommendations_have_the_contract_fields(tmp_path):
             assert scores == sorted(scores, reverse=True)
             predicted = app.live.current.predict("u3", [it["item_id"] for it in data["items"]], "rating")
             np.testing.assert_allclose(scores, predicted, rtol=1e-5)
+            request_ids = {data["request_id"]}
             for policy in ("epsilon_greedy", "softmax"):
                 status, data = await get(session, "/recommendations", user_id="u3", k="10", policy=policy)
                 assert status == 200 and len(data["items"]) == 10
                 assert all(0 < it["propensity"] <= 1 for it in data["items"])
                 assert len({it["item_id"] for it in data["items"]}) == 10
+                request_ids.add(data["request_id"])
+            assert len(request_ids) == 3  # every response has its own id
     asyncio.run(body())
 
 
