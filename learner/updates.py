@@ -145,10 +145,19 @@ class Delta:
 
 
 class DeltaAssembler:
-    """Collects the parts of each publish; yields a ``Delta`` once all of its parts arrived."""
+    """Collects the parts of each publish; yields a ``Delta`` once all of its parts arrived.
+
+    A publish that never completes (its learner stopped between two parts) is dropped as soon as
+    a later publish of the same model completes: replicas skip a ``seq`` at or below the one they
+    serve, so its parts could never apply, and holding them would grow memory with every such stop.
+    """
 
     def __init__(self) -> None:
         self._parts: dict[tuple[str, int], dict[int, dict]] = {}
+
+    def __len__(self) -> int:
+        """Publishes held incomplete."""
+        return len(self._parts)
 
     def add(self, value: dict) -> Delta | None:
         if value.get("type") != "delta" or value.get("format") != FORMAT_VERSION:
@@ -159,6 +168,8 @@ class DeltaAssembler:
         if len(parts) < int(value["parts"]):
             return None
         del self._parts[key]
+        for earlier in [other for other in self._parts if other[0] == key[0] and other[1] < key[1]]:
+            del self._parts[earlier]
         k = int(value["n_factors"])
         ordered = [parts[i] for i in range(int(value["parts"]))]
         users = [_rows_from_json(p["users"], k) for p in ordered]

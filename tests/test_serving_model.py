@@ -134,6 +134,20 @@ def test_snapshot_and_delta_paths_give_the_same_model(tmp_path):
                                        rtol=1e-6)
 
 
+def test_an_unfinished_publish_is_dropped_once_a_later_one_completes():
+    rng = np.random.default_rng(8)
+    users, items = rows([f"u{j}" for j in range(40)], 4, rng), rows([f"i{j}" for j in range(40)], 4, rng)
+    assembler = DeltaAssembler()
+    unfinished = delta_messages("mf", 3, 3.0, -1.0, users, items, max_rows=20)
+    assert assembler.add(unfinished[0][1]) is None and len(assembler) == 1  # its learner stopped here
+    other_model = delta_messages("bpr", 2, 3.0, -1.0, users, items, max_rows=20)
+    assert assembler.add(other_model[0][1]) is None and len(assembler) == 2
+    done = [assembler.add(v) for _, v in delta_messages("mf", 4, 3.0, -1.0, users, items, max_rows=20)]
+    assert done[-1] is not None and done[-1].seq == 4
+    assert len(assembler) == 1  # mf-3's part is gone; the other model's publish is still awaited
+    assert assembler.add(other_model[1][1]) is None and len(assembler) == 1
+
+
 def test_serving_scores_equal_the_learners_predictions():
     """The contract end to end: rows exported by OnlineMF score the same in serving."""
     pytest.importorskip("torch")
