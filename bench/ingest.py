@@ -11,6 +11,8 @@ measures in the same run:
 
 Both start with the data already in Kafka, so both are measured at full speed. The figure that
 matters is ``ratio`` = pipeline / raw: the machine is shared and noisy, the ratio much less so.
+``cpu_stolen_share`` is the share of the machine's CPU time the hypervisor gave to other guests
+while the pipeline ran (``steal`` in /proc/stat), to say how noisy it was.
 
     python -m bench.ingest            # 200,000 events
     python -m bench.ingest --quick    # 30,000 events
@@ -32,7 +34,7 @@ from typing import Callable
 import orjson
 from tqdm import tqdm
 
-from bench.common import emit
+from bench.common import StolenCpu, emit
 from stream.config import Topics
 from stream.kafka_local import broker_for_run, free_port
 from stream.metrics import scrape, total
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         produce_rate = produce(bootstrap, topics.events, n, args.seed)
         raw = raw_consume(bootstrap, topics.events, n)
         raw_stdlib = raw_consume(bootstrap, topics.events, n, json.loads)
-        pipeline, peak_rss = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
+        with StolenCpu() as stolen:
+            pipeline, peak_rss = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
     result = {
         "events": n,
         "pipeline_events_per_s": round(pipeline, 1),
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         "produce_events_per_s": round(produce_rate, 1),
         "partitions": args.partitions,
         "anomaly_agent": args.anomaly,
+        "cpu_stolen_share": stolen.share,
     }
     emit("ingest", result)
     return result

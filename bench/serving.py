@@ -29,6 +29,9 @@ One run, side by side:
 The load generator shares the machine with the replica (2 cores here), so ``p50_ratio`` =
 HTTP p50 / in-process p50 says what the HTTP path and the queueing of 16 concurrent clients cost,
 and ``p99_floor_ratio`` = HTTP p99 / floor p99 what serving adds over an empty aiohttp handler.
+``cpu_stolen_share`` is the share of the machine's CPU time the hypervisor gave to other guests
+during the HTTP load (``steal`` in /proc/stat): the latencies are only comparable between runs
+with similar shares.
 Both processes score with one BLAS thread, as ``streamrec serve`` does.
 The broker is ``KAFKA_BOOTSTRAP_SERVERS`` or a local one started for the run.
 
@@ -61,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bench.common import emit
+from bench.common import StolenCpu, emit
 from learner.updates import Delta, ModelRows, delta_messages, read_snapshot, write_snapshot
 from serving.index import IndexSettings
 from serving.live import LiveModel
@@ -365,8 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
                 raise
             url = f"http://127.0.0.1:{port}"
             run_load(url, args.users, args.concurrency, 500, 5.0, args.k, args.policy, args.seed + 1)  # warm-up
-            latencies, elapsed, errors = run_load(url, args.users, args.concurrency, max_requests, max_seconds,
-                                                  args.k, args.policy, args.seed + 2)
+            with StolenCpu() as stolen:
+                latencies, elapsed, errors = run_load(url, args.users, args.concurrency, max_requests, max_seconds,
+                                                      args.k, args.policy, args.seed + 2)
             print(f"http: {len(latencies)} requests in {elapsed:.1f} s, p50 {percentile_ms(latencies, 50)} ms, "
                   f"p99 {percentile_ms(latencies, 99)} ms", file=sys.stderr)
             with urllib.request.urlopen(f"{url}/recommendations?user_id=u1&k={args.k}") as response:
@@ -398,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
         "p50_ratio": round(p50 / inprocess_p50, 2),
         "floor_rps": round(len(floor) / floor_elapsed, 1), "floor_p50_ms": percentile_ms(floor, 50),
         "floor_p99_ms": percentile_ms(floor, 99), "p99_floor_ratio": round(p99 / percentile_ms(floor, 99), 2),
+        "cpu_stolen_share": stolen.share,
         "freshness_rounds": len(freshness),
         "freshness_p50_s": round(float(np.percentile(fresh, 50)), 4),
         "freshness_p99_s": round(float(np.percentile(fresh, 99)), 4),
