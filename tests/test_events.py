@@ -402,3 +402,53 @@ def test_decode_fast_path_agrees_with_the_standard_library_on_raw_bytes() -> Non
         assert fast == slow, raw
         accepted += fast[0] == "ok"
     assert accepted >= 3 and len(raws) - accepted > 1000
+
+
+def _encoded(encoder, event: dict):
+    try:
+        return ("ok", json.loads(encoder(event)))
+    except ValidationError as err:
+        return ("error", [(p.path, p.reason) for p in err.problems])
+
+
+def test_encode_fast_path_agrees_with_the_standard_library() -> None:
+    """``encode`` writes contract-only events with orjson; the result (or the error) must be what
+    the strict standard-library path gives, for mutated events, values orjson would write
+    differently (NaN as null, datetimes, huge ints, float subclasses) and unknown fields."""
+    import datetime
+
+    class Ratio(float):
+        pass
+
+    def strict(event: dict) -> bytes:
+        problems = validate(event)
+        if problems:
+            raise ValidationError(problems)
+        return events._encode_strict(event)
+
+    rng = random.Random(5)
+    cases = []
+    for make in (make_impression, make_click, make_rating):
+        base = make()
+        base.pop("context", None)
+        cases.append(base)
+        for path in _paths(base):
+            for value in _MUTATIONS:
+                event = with_(base, path, value)
+                cases.append(event)
+                paths = _paths(event)
+                if paths:
+                    cases.append(with_(event, rng.choice(paths), rng.choice(_MUTATIONS)))
+    odd = [float("nan"), datetime.datetime(2026, 1, 1), 10**30, Ratio(0.5), {1: "x"}, (1, 2)]
+    for value in odd:
+        cases.append(with_(make_rating(), "note", value))  # an unknown top-level field
+        cases.append(with_(make_rating(), "value", value))
+        impression = make_impression()
+        impression.pop("context")
+        cases.append(with_(impression, "items.1.extra", value))  # an unknown item field
+    fast_taken = 0
+    for event in cases:
+        outcome = _encoded(encode, event)
+        assert outcome == _encoded(strict, event), event
+        fast_taken += outcome[0] == "ok" and events._holds_only_contract_fields(event)
+    assert fast_taken >= 50
