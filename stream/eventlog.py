@@ -69,6 +69,14 @@ EXAMPLES_SCHEMA = pa.schema([
 ])
 
 SCHEMAS = {EVENTS: EVENTS_SCHEMA, EXAMPLES: EXAMPLES_SCHEMA}
+# Parquet dictionary-encodes only the columns whose values repeat (ids of users and items, enums);
+# on unique ids (event_id, request_id) the dictionary is built and then thrown away, and with
+# it everywhere writing took twice as long for a 10% smaller file. Column statistics are kept
+# for ``ts``, the column readers filter on.
+_DICTIONARY_COLUMNS = {
+    EVENTS: ["type", "user_id", "model_version", "policy", "surface", "item_id"],
+    EXAMPLES: ["user_id", "item_id", "model_version", "kind", "policy"],
+}
 
 
 def events_table(
@@ -154,7 +162,9 @@ def _hour_start(folder: Path) -> float:
 
 
 def _table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pydict({name: [row[name] for row in rows] for name in schema.names}, schema=schema)
+    """Dictionaries to a table of ``schema`` (a missing key is a null, an unknown one is ignored)
+    through one struct array: Arrow reads each dictionary once, in C++."""
+    return pa.Table.from_struct_array(pa.array(rows, type=pa.struct(schema)))
 
 
 class ParquetLog:
@@ -188,7 +198,7 @@ class ParquetLog:
             folder.mkdir(parents=True, exist_ok=True)
             name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
             tmp = folder / f".{name}{TEMPORARY_SUFFIX}"
-            pq.write_table(part, tmp)
+            pq.write_table(part, tmp, use_dictionary=_DICTIONARY_COLUMNS[dataset], write_statistics=["ts"])
             staged.append((tmp, folder / name))
         return staged
 
