@@ -6,11 +6,17 @@ measures in the same run:
 - ``raw``: an aiokafka consumer that only fetches and decodes every message with ``orjson.loads``,
   the parser the pipeline's fast path uses (``raw_stdlib_json`` repeats it with ``json.loads``,
   the peer of earlier runs, for comparison);
+- ``fanout``: the same consumer, which also sends one message per example the pipeline makes of
+  the event (one per shown item of an impression, one per rating), built from a fixed example
+  and sent through the worker's own ``BatchSender`` with ``acks=all``. It is the Kafka traffic the
+  pipeline cannot avoid, without any of its logic: no validation, join, dedupe or log;
 - ``pipeline``: ``streamrec worker`` (Faust: validate, dedupe, Parquet log, click join, sends to
   ``examples``), timed from its first accepted event to its N-th through its /metrics counter.
 
-Both start with the data already in Kafka, so both are measured at full speed. The figure that
+All start with the data already in Kafka, so all are measured at full speed. The figure that
 matters is ``ratio`` = pipeline / raw: the machine is shared and noisy, the ratio much less so.
+``fanout_ratio`` = fanout / raw bounds it from above for any worker that sends its examples
+through aiokafka from Python: what is left between the two is the pipeline's own work.
 ``cpu_stolen_share`` is the share of the machine's CPU time the hypervisor gave to other guests
 while the pipeline ran (``steal`` in /proc/stat), to say how noisy it was.
 
@@ -32,12 +38,14 @@ from pathlib import Path
 from typing import Callable
 
 import orjson
+from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
 from bench.common import StolenCpu, emit
 from stream.config import Topics
 from stream.kafka_local import broker_for_run, free_port
 from stream.metrics import scrape, total
+from stream.output import BatchSender
 from stream.processes import stop
 from stream.producer import EventProducer
 from stream.sources import synthetic_events
@@ -54,13 +62,17 @@ def produce(bootstrap: str, topic: str, n: int, seed: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object]) -> float:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
+async def _started_consumer(bootstrap: str, topic: str, name: str) -> AIOKafkaConsumer:
+    """A consumer of ``topic`` from its start, in a group of its own."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-{name}-{uuid.uuid4().hex[:8]}",
                                 auto_offset_reset="earliest", enable_auto_commit=False,
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
+    return consumer
+
+
+async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object]) -> float:
+    consumer = await _started_consumer(bootstrap, topic, "raw")
     try:
         seen = 0
         first = None
@@ -80,6 +92,47 @@ async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[byte
 def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object] = orjson.loads) -> float:
     """Events per second of a raw aiokafka consumer that only decodes JSON (with ``loads``)."""
     return asyncio.run(_raw_consume(bootstrap, topic, n, loads))
+
+
+# An example as the worker sends it (DESIGN.md "Examples"), ids as long as the synthetic ones.
+_EXAMPLE = {"user_id": "u000123", "item_id": "i00042", "label": 0.0, "position": 3, "propensity": 0.125,
+            "weight": 8.0, "model_version": "synthetic-v1", "request_id": "0" * 32, "ts": 1.7e9,
+            "kind": "click", "anomalous": False, "policy": "epsilon_greedy", "event_id": "0" * 32}
+
+
+async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
+    consumer = await _started_consumer(bootstrap, topic, "fanout")
+    sender = BatchSender(bootstrap)
+    try:
+        seen = 0
+        first = None
+        acknowledged = None
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            if first is None and batches:
+                first = time.perf_counter()
+            messages = []
+            for records in batches.values():
+                for record in records:
+                    event = orjson.loads(record.value)
+                    fanout = len(event["items"]) if event["type"] == "impression" else event["type"] == "rating"
+                    messages += [(out_topic, record.key, _EXAMPLE)] * fanout
+                seen += len(records)
+            sent = asyncio.ensure_future(await sender.enqueue(messages))
+            if acknowledged is not None:
+                await acknowledged  # as in the worker: the next batch is read while this one is acknowledged
+            acknowledged = sent
+        await acknowledged
+        return n / (time.perf_counter() - first)
+    finally:
+        await consumer.stop()
+        await sender.stop()
+
+
+def fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
+    """Events per second of a consumer that decodes every event and sends its examples' worth of
+    fixed messages to ``out_topic`` (the pipeline's Kafka traffic without its logic)."""
+    return asyncio.run(_fanout_consume(bootstrap, topic, out_topic, n))
 
 
 def _events_seen(port: int) -> float:
@@ -140,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         produce_rate = produce(bootstrap, topics.events, n, args.seed)
         raw = raw_consume(bootstrap, topics.events, n)
         raw_stdlib = raw_consume(bootstrap, topics.events, n, json.loads)
+        fanout_topics = Topics(prefix + "fanout.")  # its own examples topic, configured like the worker's
+        ensure_topics(bootstrap, args.partitions, fanout_topics)
+        fanout = fanout_consume(bootstrap, topics.events, fanout_topics.examples, n)
         with StolenCpu() as stolen:
             pipeline, peak_rss = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
     result = {
@@ -148,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "raw_events_per_s": round(raw, 1),
         "raw_stdlib_json_events_per_s": round(raw_stdlib, 1),
         "ratio": round(pipeline / raw, 3),
+        "fanout_events_per_s": round(fanout, 1),
+        "fanout_ratio": round(fanout / raw, 3),
         "peak_rss_mb": round(peak_rss, 1),
         "produce_events_per_s": round(produce_rate, 1),
         "partitions": args.partitions,
