@@ -112,7 +112,8 @@ class Learner:
         self.checkpointer = Checkpointer(settings.checkpoint_dir)
         restored = self.checkpointer.load()
         if restored is None:
-            self.model = OnlineMF(n_factors=settings.n_factors, device=settings.device, seed=0)
+            self.model = OnlineMF(n_factors=settings.n_factors, rating_range=settings.rating_range,
+                                  device=settings.device, seed=0)
             state: dict = {}
         else:
             self.model, state = restored
@@ -184,6 +185,7 @@ class Learner:
         self.seq += 1
         for key, value in delta_messages(self.settings.model, self.seq, self.model.global_mean,
                                          self.model.click_intercept, users, items,
+                                         rating_range=self.model.rating_range,
                                          max_event_ts=self.max_event_ts, metrics=self.metrics()):
             producer.send(self.topics.model_updates, key=key.encode(), value=orjson.dumps(value))
         producer.flush()
@@ -197,7 +199,7 @@ class Learner:
         users, items = self.model.export_rows(None, None)
         manifest = write_snapshot(self.settings.store_dir, self.settings.model, self.seq,
                                   self.model.global_mean, self.model.click_intercept, users, items,
-                                  metrics=self.metrics())
+                                  metrics=self.metrics(), rating_range=self.model.rating_range)
         producer.send(self.topics.model_updates, key=f"snapshot/{self.settings.model}".encode(),
                       value=orjson.dumps(manifest))
         producer.flush()

@@ -1,11 +1,27 @@
 """Settings of ``streamrec learner``, kept free of torch so that ``--help`` answers at once."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.config import env, env_float, env_int, state_dir
+
+
+def parse_rating_range(text: str) -> tuple[float, float] | None:
+    """``"low,high"`` as a pair of finite floats with low < high; None for an empty string
+    (ratings are unbounded). Raises ``ValueError`` saying what is wrong."""
+    if not text.strip():
+        return None
+    parts = text.split(",")
+    try:
+        low, high = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"rating range {text!r}: expected 'low,high', two numbers such as '1,5'") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"rating range {text!r}: expected finite numbers with low < high")
+    return low, high
 
 
 @dataclass
@@ -16,6 +32,8 @@ class LearnerSettings:
     topic_prefix: str = field(default_factory=lambda: env("TOPIC_PREFIX", ""))
     model: str = field(default_factory=lambda: env("MODEL", "mf"))
     n_factors: int = field(default_factory=lambda: env_int("N_FACTORS", 32))
+    # of a new model (a resumed one keeps its own): rating scores are clipped to it, here and in serving
+    rating_range: tuple[float, float] | None = field(default_factory=lambda: parse_rating_range(env("RATING_RANGE", "")))
     device: str = field(default_factory=lambda: env("DEVICE", "auto"))
     batch_size: int = field(default_factory=lambda: env_int("LEARNER_BATCH_SIZE", 1024))
     batch_timeout_s: float = field(default_factory=lambda: env_float("LEARNER_BATCH_TIMEOUT_S", 0.2))

@@ -3,8 +3,10 @@
 Both sides import this module, so the format lives in one place (documented in
 ``learner/PUBLISHING.md``).
 
-A **model state** is what serving needs to score: the global mean and, for users and items, the
-string ids with their factor vectors and biases (``ModelRows``). Nothing here depends on torch.
+A **model state** is what serving needs to score: the global mean, the rating range (``None``, or
+``(low, high)`` when the learner clips rating scores to it, as serving then does) and, for users
+and items, the string ids with their factor vectors and biases (``ModelRows``). Nothing here
+depends on torch.
 
 **Deltas.** Every publish interval the learner sends the rows that changed since the previous
 publish, as one or more JSON messages (``parts``), keyed ``delta/<model>`` with a strictly
@@ -23,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +36,10 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+# A reader ignores the fields it does not know, and a missing optional field has a meaning (a
+# message without ``rating_range`` has no range), so adding an optional field keeps the version:
+# old and new learners and replicas then interoperate during a rollout (an old replica serves
+# unclipped ratings, as before). Bump it only for a change that an old reader would misread.
 FORMAT_VERSION = 1
 MAX_ROWS_PER_MESSAGE = 2000
 
@@ -86,6 +93,22 @@ def _rows_json(rows: ModelRows) -> dict:
             "click_biases": _b64(rows.click_biases)}
 
 
+def _range_json(rating_range: tuple[float, float] | None) -> list[float] | None:
+    return None if rating_range is None else [float(rating_range[0]), float(rating_range[1])]
+
+
+def _range_from_json(value: object) -> tuple[float, float] | None:
+    """A ``rating_range`` field as read: None (absent or null: no range) or ``(low, high)``;
+    ValueError for anything but a finite ``[low, high]`` with ``low < high``."""
+    if value is None:
+        return None
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and value[0] < value[1]):
+        return float(value[0]), float(value[1])
+    raise ValueError(f"rating_range must be null or a finite [low, high] with low < high, got {value!r}")
+
+
 def _rows_from_json(obj: dict, n_factors: int) -> ModelRows:
     n = len(obj["ids"])
     return ModelRows(list(obj["ids"]), _unb64(obj["vectors"], (n, n_factors)), _unb64(obj["biases"], (n,)),
@@ -100,12 +123,16 @@ def delta_messages(
     users: ModelRows,
     items: ModelRows,
     *,
+    rating_range: tuple[float, float] | None = None,
     max_event_ts: float | None = None,
     published_ts: float | None = None,
     metrics: dict | None = None,
     max_rows: int = MAX_ROWS_PER_MESSAGE,
 ) -> list[tuple[str, dict]]:
-    """The (key, value) messages of one publish: the changed rows split into parts of ``max_rows``."""
+    """The (key, value) messages of one publish: the changed rows split into parts of ``max_rows``.
+
+    Every part carries the global terms (``global_mean``, ``click_intercept``, ``rating_range``).
+    """
     n_factors = users.vectors.shape[1] if len(users) else items.vectors.shape[1]
     published_ts = time.time() if published_ts is None else published_ts
     chunks = []
@@ -120,7 +147,7 @@ def delta_messages(
             "type": "delta", "format": FORMAT_VERSION, "model": model, "seq": seq,
             "version": f"{model}-{seq}", "part": part, "parts": len(chunks),
             "n_factors": int(n_factors), "global_mean": float(global_mean),
-            "click_intercept": float(click_intercept),
+            "click_intercept": float(click_intercept), "rating_range": _range_json(rating_range),
             "published_ts": published_ts, "max_event_ts": max_event_ts, "metrics": metrics or {},
             "users": _rows_json(rows if side == "users" else empty),
             "items": _rows_json(rows if side == "items" else empty),
@@ -142,6 +169,7 @@ class Delta:
     items: ModelRows
     published_ts: float
     max_event_ts: float | None
+    rating_range: tuple[float, float] | None = None
 
 
 class DeltaAssembler:
@@ -179,6 +207,7 @@ class DeltaAssembler:
             global_mean=float(value["global_mean"]), click_intercept=float(value["click_intercept"]),
             users=_concat(users, k), items=_concat(items, k),
             published_ts=float(value["published_ts"]), max_event_ts=value.get("max_event_ts"),
+            rating_range=_range_from_json(value.get("rating_range")),
         )
 
 
@@ -202,6 +231,7 @@ def sha256_file(path: Path) -> str:
 def write_snapshot(
     store: Path, model: str, seq: int, global_mean: float, click_intercept: float,
     users: ModelRows, items: ModelRows, metrics: dict | None = None,
+    rating_range: tuple[float, float] | None = None,
 ) -> dict:
     """Write a complete snapshot atomically (folder renamed into place); return its manifest."""
     version = f"{model}-{seq}"
@@ -220,6 +250,7 @@ def write_snapshot(
         "type": "snapshot", "format": FORMAT_VERSION, "model": model, "version": version, "seq": seq,
         "created_ts": time.time(), "n_users": len(users), "n_items": len(items),
         "n_factors": int(users.vectors.shape[1] if len(users) else items.vectors.shape[1]),
+        "rating_range": _range_json(rating_range),
         "files": {"rows.safetensors": sha256_file(tmp / "rows.safetensors"), "ids.json": sha256_file(tmp / "ids.json")},
         "metrics": metrics or {},
     }
@@ -256,6 +287,7 @@ class Snapshot:
     click_intercept: float
     users: ModelRows
     items: ModelRows
+    rating_range: tuple[float, float] | None = None
 
 
 def read_snapshot(folder: Path) -> Snapshot:
@@ -280,6 +312,7 @@ def read_snapshot(folder: Path) -> Snapshot:
         users = ModelRows(ids["users"], tensors["user_vectors"], tensors["user_biases"], tensors["user_click_biases"])
         items = ModelRows(ids["items"], tensors["item_vectors"], tensors["item_biases"], tensors["item_click_biases"])
         global_mean, click_intercept = (float(x) for x in tensors["global"])
+        rating_range = _range_from_json(manifest.get("rating_range"))
     except (KeyError, ValueError, OSError) as err:
         raise SnapshotError(f"{folder}: cannot load ({err})") from None
-    return Snapshot(manifest, global_mean, click_intercept, users, items)
+    return Snapshot(manifest, global_mean, click_intercept, users, items, rating_range)

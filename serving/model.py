@@ -6,9 +6,13 @@ $$\hat{r}_{ui} = \mu + b_u + b_i + \langle p_u, q_i \rangle \qquad
   \hat{c}_{ui} = \sigma(c + c_u + c_i + \langle p_u, q_i \rangle)$$
 
 with zero vectors and biases for users and items the model does not know. ``kind`` selects the
-model: ``"rating"`` (the score is the predicted rating) or ``"click"`` (the click probability).
-Ranking uses the *logit* of the kind: the rating itself, or $c + c_u + c_i + \langle p_u, q_i\rangle$
-for clicks (the sigmoid is monotone, and a softmax policy wants logits, not probabilities).
+model: ``"rating"`` (the score is the predicted rating, clipped to the model's ``rating_range``
+when the learner has one, as ``OnlineMF`` clips it) or ``"click"`` (the click probability).
+Ranking uses the *logit* of the kind: the unclipped rating, or $c + c_u + c_i + \langle p_u, q_i\rangle$
+for clicks (a softmax policy wants logits, not probabilities). The clip and the sigmoid are
+monotone, so this is the order of the scores, except that items whose ratings clip to the same
+bound keep the model's order among them instead of tying (as in ``OnlineMF.recommend``): a
+slate may show equal scores, in a deterministic order.
 
 A ``ServingModel`` never changes after it is built. ``apply`` builds the next version off to the
 side, sharing every row table chunk that the deltas do not write (``serving.table``); the live
@@ -51,7 +55,9 @@ class ServingModel:
     """A complete model version: its identity, global terms and row tables.
 
     ``published_ts`` is when the learner produced this state (the snapshot's creation or the
-    last delta's publish time): the model's age starts there.
+    last delta's publish time): the model's age starts there. ``rating_range`` is the learner's
+    ``(low, high)`` (None: unbounded), from the snapshot and then from each delta, like the
+    global mean.
 
     >>> import numpy as np
     >>> from learner.updates import Delta, ModelRows
@@ -60,6 +66,8 @@ class ServingModel:
     >>> m = ServingModel.empty("mf", n_factors=1).apply([Delta("mf", 1, "mf-1", 3.0, 0.0, users, items, 0.0, None)])
     >>> m.version, m.predict("u", ["a", "b", "new"], "rating").round(2).tolist()
     ('mf-1', [4.5, 2.7, 3.5])
+    >>> m.apply([Delta("mf", 2, "mf-2", 3.0, 0.0, users, items, 0.0, None, (1.0, 4.0))]).predict("u", ["a"], "rating")
+    array([4.])
     """
 
     model: str
@@ -71,6 +79,7 @@ class ServingModel:
     items: RowTable
     published_ts: float
     index: ItemIndex | None = None
+    rating_range: tuple[float, float] | None = None
 
     @classmethod
     def empty(cls, model: str, n_factors: int) -> ServingModel:
@@ -93,7 +102,7 @@ class ServingModel:
             global_mean=snapshot.global_mean, click_intercept=snapshot.click_intercept,
             users=RowTable.from_rows(snapshot.users, USER_CHUNK_ROWS),
             items=RowTable.from_rows(snapshot.items, None),
-            published_ts=float(m.get("created_ts") or time.time()),
+            published_ts=float(m.get("created_ts") or time.time()), rating_range=snapshot.rating_range,
         )
         return model.with_index(index) if index is not None else model
 
@@ -127,7 +136,7 @@ class ServingModel:
             index = index.with_rows(items.rows(changed.ids), items.matrix())
         return replace(
             self, version=last.version, seq=last.seq, global_mean=last.global_mean,
-            click_intercept=last.click_intercept, published_ts=last.published_ts,
+            click_intercept=last.click_intercept, published_ts=last.published_ts, rating_range=last.rating_range,
             users=self.users.with_rows(_merge([d.users for d in deltas])),
             items=items, index=index,
         )
@@ -157,9 +166,12 @@ class ServingModel:
         return q, self.click_intercept + float(u[k + 1])
 
     def output(self, kind: str, logits: np.ndarray) -> np.ndarray:
-        """Scores from logits: ratings as they are, click probabilities through the sigmoid."""
+        """Scores from logits: ratings clipped to ``rating_range`` (when there is one), click
+        probabilities through the sigmoid. Every score serving returns or evaluates passes here."""
         logits = np.asarray(logits, dtype=np.float64)
-        return sigmoid(logits) if kind == "click" else logits
+        if kind == "click":
+            return sigmoid(logits)
+        return np.clip(logits, *self.rating_range) if self.rating_range is not None else logits
 
     def predict_rows(self, user_rows: np.ndarray, item_rows: np.ndarray, kind: str) -> np.ndarray:
         """Scores of (user row, item row) pairs, -1 meaning unknown (float64)."""

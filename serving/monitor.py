@@ -4,15 +4,17 @@ It reads the outcomes on ``examples`` (contract fields ``user_id, item_id, label
 propensity, weight, model_version, request_id, ts, kind, anomalous``) and keeps:
 
 * **served RMSE** per kind over the last ``rmse_window`` outcomes: the error of the prediction
-  made by the model version that was live at the time (ratings: the predicted rating; clicks:
-  the predicted click probability against the 0/1 label). The version is, in this order, the one
-  named by the outcome's ``model_version`` (the version that served the impression) if it is
-  still held, else the one live at the outcome's event time ``ts`` if that is within the held
-  history, else the one live when the outcome arrived on ``examples``. The last case covers
-  ratings replayed with historical timestamps and old impressions; the learner consumes the
-  same topic in parallel, so that version has not learned from the outcome yet. Anomalous
-  outcomes are not scored (the learner skips them too); every outcome is counted by how its
-  version was found in ``streamrec_serving_examples_total{result}``.
+  made by the model version that was live at the time (ratings: the predicted rating, clipped to
+  the version's rating range as the learner's prequential scores are, so that both RMSEs of one
+  model on the same outcomes agree; clicks: the predicted click probability against the 0/1
+  label). The version is, in this order, the one named by the outcome's ``model_version`` (the
+  version that served the impression) if it is still held, else the one live at the outcome's
+  event time ``ts`` if that is within the held history, else the one live when the outcome
+  arrived on ``examples``. The last case covers ratings replayed with historical timestamps and
+  old impressions; the learner consumes the same topic in parallel, so that version has not
+  learned from the outcome yet. Anomalous outcomes are not scored (the learner skips them too);
+  every outcome is counted by how its version was found in
+  ``streamrec_serving_examples_total{result}``.
 * **drift** (``serving.drift``) of four signals: ``score`` (the scores this replica served),
   ``item_popularity`` and ``user_activity`` (which items and users the interactions involve) and
   ``label_rate`` (the labels of all outcomes).

@@ -6,7 +6,8 @@ One request holds one model version from start to end (it reads ``LiveModel.curr
 A user the model knows is ranked by the model's logits; an unknown user gets the popularity
 fallback (``serving.popularity``), flagged with ``fallback: true``. Either way the policy runs on
 the ranking scores and reports exact propensities (``serving.policies``), and every item's
-``score`` is the model's prediction for this user: the predicted rating, or the click
+``score`` is the model's prediction for this user: the predicted rating (clipped to the model's
+rating range, while the ranking uses the unclipped logits: ``serving.model``), or the click
 probability, per the replica's ``kind`` (an unknown user's prediction uses zero user terms).
 ``exclude_seen`` drops the items the user interacted with, as far as this replica has seen them
 on ``examples``.

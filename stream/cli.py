@@ -112,12 +112,27 @@ def cmd_learner(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    if args.rating_range is not None:
+        settings.rating_range = args.rating_range
     if args.store_dir:
         settings.store_dir = Path(args.store_dir)
     if args.checkpoint_dir:
         settings.checkpoint_dir = Path(args.checkpoint_dir)
     run_learner(settings)
     return 0
+
+
+def _rating_range_arg(text: str) -> tuple[float, float] | None:
+    from learner.settings import parse_rating_range
+
+    try:
+        return parse_rating_range(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _range_text(bounds: tuple[float, float] | None) -> str:
+    return "none" if bounds is None else f"{bounds[0]:g},{bounds[1]:g}"
 
 
 def _add_learner_parser(sub: argparse._SubParsersAction) -> None:
@@ -128,6 +143,9 @@ def _add_learner_parser(sub: argparse._SubParsersAction) -> None:
     _add_kafka_flags(p)
     p.add_argument("--model", default=None, help=f"model name in the store and on model.updates (default {d.model})")
     p.add_argument("--n-factors", type=int, default=None, help=f"embedding size of a new model (default {d.n_factors})")
+    p.add_argument("--rating-range", type=_rating_range_arg, default=None, metavar="LOW,HIGH",
+                   help="bounds of the ratings, e.g. 1,5: a new model's rating scores are clipped to them, "
+                        f"in training and in serving (default {_range_text(d.rating_range)})")
     p.add_argument("--device", default=None, help=f"'auto' (CUDA when present), 'cpu' or 'cuda:N' (default {d.device})")
     p.add_argument("--batch-size", type=int, default=None, help=f"examples per micro-batch (default {d.batch_size})")
     p.add_argument("--batch-timeout-s", type=float, default=None, help=f"seconds before a partial micro-batch trains (default {d.batch_timeout_s})")

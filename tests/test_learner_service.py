@@ -121,3 +121,34 @@ def test_learner_trains_publishes_and_resumes_from_its_offsets(kafka_bootstrap, 
     deltas = [d for d in (assembler.add(v) for v in updates if v["type"] == "delta") if d is not None]
     assert deltas and [d.seq for d in deltas] == sorted(d.seq for d in deltas)
     assert any(v["type"] == "snapshot" for v in updates)
+
+
+def test_the_learner_publishes_its_rating_range_with_deltas_and_snapshots(tmp_path, monkeypatch):
+    """``STREAMREC_RATING_RANGE`` sets a new model's range, and both kinds of publish carry it.
+    No broker: a stand-in producer records what the learner sends."""
+    from learner.service import Learner
+    from learner.settings import LearnerSettings
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, dict]] = []
+
+        def send(self, topic: str, key: bytes, value: bytes) -> None:
+            self.sent.append((key.decode(), json.loads(value)))
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setenv("STREAMREC_RATING_RANGE", "1,5")
+    learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", model="mf", n_factors=4, device="cpu",
+                                      store_dir=tmp_path / "store", checkpoint_dir=tmp_path / "ckpt"))
+    assert learner.model.rating_range == (1.0, 5.0)
+    learner.learn(_examples(300))
+    producer = Recorder()
+    assert learner.publish_delta(producer) > 0
+    learner.publish_snapshot(producer)
+    assembler = DeltaAssembler()
+    deltas = [d for key, value in producer.sent if key == "delta/mf" and (d := assembler.add(value))]
+    assert [d.rating_range for d in deltas] == [(1.0, 5.0)]
+    assert [value["rating_range"] for key, value in producer.sent if key == "snapshot/mf"] == [[1.0, 5.0]]
+    assert read_snapshot(latest_snapshot(tmp_path / "store", "mf")).rating_range == (1.0, 5.0)

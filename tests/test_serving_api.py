@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from learner.updates import DeltaAssembler, ModelRows, delta_messages
 from serving.app import ServingApp
+from serving.index import IndexSettings
 from serving.settings import ServeSettings
 from serving.model import ServingModel
 
@@ -249,4 +252,37 @@ def test_every_response_comes_from_one_complete_version_while_deltas_apply(tmp_p
             stop.set()
             await asyncio.gather(*clients)
             assert len(set(checked)) >= 3 and len(checked) >= 20
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("retrieval", ["exact", "ivf"])
+def test_rating_scores_stay_inside_the_rating_range_and_rank_by_the_unclipped_logit(tmp_path, retrieval):
+    """Dot products of 8 standard normals put most raw ratings outside (1, 5): every returned
+    score is clipped, and a slate is still ordered by the unclipped rating (no tie at 5)."""
+    users, items = model_rows()
+    assembler = DeltaAssembler()
+    model = ServingModel.empty("mf", 8).apply([d for _, v in delta_messages("mf", 1, 3.5, -1.0, users, items,
+                                                                              rating_range=(1, 5))
+                                               if (d := assembler.add(v))])
+    if retrieval == "ivf":
+        model = model.with_index(IndexSettings(min_items=1, probe=64))  # probes every cluster
+        assert model.index is not None
+    logits = replace(model, rating_range=None).predict("u3", items.ids, "rating")
+    assert logits.max() > 6 and logits.min() < 0
+
+    async def body():
+        async with replica(tmp_path, model) as (_, session):
+            _, data = await get(session, "/recommendations", user_id="u3", k="20")
+            chosen = [items.ids.index(it["item_id"]) for it in data["items"]]
+            assert chosen == np.argsort(-logits, kind="stable")[:20].tolist()
+            scores = [it["score"] for it in data["items"]]
+            assert scores[:2] == [5.0, 5.0] and logits[chosen[1]] > 5  # the clip bites at the top
+            np.testing.assert_allclose(scores, np.clip(logits[chosen], 1, 5), rtol=1e-6)
+            for params in ({"policy": "epsilon_greedy", "epsilon": "1"}, {"policy": "softmax"},
+                           {"user_id": "newcomer"}):
+                status, data = await get(session, "/recommendations", **{"user_id": "u3", "k": "50", **params})
+                assert status == 200 and all(1 <= it["score"] <= 5 for it in data["items"]), params
+            async with session.post("/predict", json={"user_id": "u3", "item_ids": items.ids}) as response:
+                predicted = [it["score"] for it in (await response.json())["items"]]
+            assert (min(predicted), max(predicted)) == (1.0, 5.0)
     asyncio.run(body())

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from learner.updates import Delta, DeltaAssembler, ModelRows, delta_messages, read_snapshot, write_snapshot
+from learner.updates import (Delta, DeltaAssembler, ModelRows, SnapshotError, delta_messages, read_snapshot,
+                             write_snapshot)
 from serving.api import BadRequest, parse_predict_body, parse_recommendation_query
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
@@ -405,3 +407,102 @@ def test_the_scorer_batches_concurrent_requests_and_keeps_versions_apart():
     assert results[12][0].indices.tolist() == [499, 498]
     assert isinstance(results[13], ZeroDivisionError)
     assert isinstance(results[14], ValueError)  # a query of the wrong length fails its own request only
+
+
+# -- the rating range ----------------------------------------------------------------------------
+
+def test_snapshots_and_deltas_carry_the_rating_range(tmp_path):
+    rng = np.random.default_rng(12)
+    users, items = rows([f"u{j}" for j in range(5)], 3, rng), rows([f"i{j}" for j in range(7)], 3, rng)
+    manifest = write_snapshot(tmp_path, "mf", 1, 3.0, -1.0, users, items, rating_range=(1, 5))
+    assert manifest["rating_range"] == [1.0, 5.0]
+    snapshot = read_snapshot(tmp_path / "mf" / "mf-1")
+    assert snapshot.rating_range == (1.0, 5.0)
+    model = ServingModel.from_snapshot(snapshot)
+    assert model.rating_range == (1.0, 5.0)
+    assembler = DeltaAssembler()  # deltas travel as JSON, in parts
+    parts = [json.loads(json.dumps(v)) for _, v in delta_messages("mf", 2, 3.0, -1.0, users, items,
+                                                                   rating_range=(0.5, 10), max_rows=4)]
+    delta = [assembler.add(v) for v in parts][-1]
+    assert delta.rating_range == (0.5, 10.0) and model.apply([delta]).rating_range == (0.5, 10.0)
+    # like the global mean, the range is the newest publish's: one without a range lifts it
+    unbounded = [assembler.add(v) for _, v in delta_messages("mf", 3, 3.0, -1.0, users, items)][-1]
+    assert unbounded.rating_range is None and model.apply([unbounded]).rating_range is None
+
+
+def test_a_snapshot_or_delta_without_the_rating_range_field_has_no_range(tmp_path):
+    """What a learner of an earlier release wrote still loads, and scores ratings unclipped."""
+    rng = np.random.default_rng(13)
+    users, items = rows(["u"], 2, rng, scale=10.0), rows(["a"], 2, rng, scale=10.0)
+    write_snapshot(tmp_path, "mf", 1, 3.0, -1.0, users, items)
+    path = tmp_path / "mf" / "mf-1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["rating_range"] is None
+    del manifest["rating_range"]
+    path.write_text(json.dumps(manifest))
+    snapshot = read_snapshot(path.parent)
+    assert snapshot.rating_range is None and ServingModel.from_snapshot(snapshot).rating_range is None
+    assembler = DeltaAssembler()
+    for _, value in delta_messages("mf", 2, 3.0, -1.0, users, items):
+        del value["rating_range"]
+        delta = assembler.add(value)
+    assert delta.rating_range is None
+    model = ServingModel.empty("mf", 2).apply([delta])
+    expected = 3.0 + users.biases[0] + items.biases[0] + users.vectors[0] @ items.vectors[0]
+    np.testing.assert_allclose(model.predict("u", ["a"], "rating"), [expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [[5, 1], [1, 1], [1], [1, 2, 3], "1,5", {"low": 1}, [1, float("inf")], [True, 5]])
+def test_a_malformed_rating_range_is_refused(tmp_path, bad):
+    rng = np.random.default_rng(14)
+    users, items = rows(["u"], 2, rng), rows(["a"], 2, rng)
+    write_snapshot(tmp_path, "mf", 1, 3.0, -1.0, users, items)
+    path = tmp_path / "mf" / "mf-1" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rating_range": bad}))
+    with pytest.raises(SnapshotError, match="rating_range"):
+        read_snapshot(path.parent)
+    (_, first), (_, last) = delta_messages("mf", 2, 3.0, -1.0, users, items)  # users, then items
+    assembler = DeltaAssembler()
+    assert assembler.add(json.loads(json.dumps({**first, "rating_range": bad}))) is None
+    with pytest.raises(ValueError, match="rating_range"):
+        assembler.add(json.loads(json.dumps({**last, "rating_range": bad})))
+
+
+def test_served_rating_rmse_equals_the_learners_for_the_same_model_and_examples(tmp_path):
+    """OnlineMF with rating_range=(1, 5) whose raw ratings leave the range: its snapshot, loaded
+    in serving, predicts the learner's clipped scores, so the served RMSE equals the learner's."""
+    pytest.importorskip("torch")
+    from learner.online_mf import OnlineMF
+
+    rng = np.random.default_rng(15)
+    mf = OnlineMF(n_factors=4, rating_range=(1, 5), device="cpu", seed=0)
+    # Additive user and item effects of +-2 around 3, learned from pairs that never combine two
+    # extremes: a generous user (g) on a hit then scores about 7, a harsh one (h) on a flop about -1.
+    plan = [("g", "avg", 5.0), ("m", "hit", 5.0), ("m", "avg", 3.0), ("m", "flop", 1.0), ("h", "avg", 1.0)]
+    train = [plan[j % len(plan)] for j in range(1000)]
+    users = [f"{u}{rng.integers(5)}" for u, _, _ in train]
+    items = [f"{i}{rng.integers(5)}" for _, i, _ in train]
+    for start in range(0, 1000, 100):
+        batch = slice(start, start + 100)
+        mf.learn_batch(users[batch], items[batch], [y for _, _, y in train[batch]])
+    user_rows, item_rows = mf.export_rows(None, None)
+    write_snapshot(tmp_path, "mf", 1, mf.global_mean, mf.click_intercept, user_rows, item_rows,
+                   rating_range=mf.rating_range)
+    served = ServingModel.from_snapshot(read_snapshot(tmp_path / "mf" / "mf-1"))
+
+    probe_users = [f"{g}{j}" for g, j in zip(rng.choice(["g", "m", "h"], 300), rng.integers(0, 5, 300))]
+    probe_items = [f"{g}{j}" for g, j in zip(rng.choice(["hit", "avg", "flop"], 300), rng.integers(0, 5, 300))]
+    labels = rng.integers(1, 6, 300).astype(float)
+    learner_rmse = np.sqrt(np.mean((mf.predict(probe_users, probe_items, kind="rating") - labels) ** 2))
+    raw = replace(served, rating_range=None).predict_rows(served.users.rows(probe_users),
+                                                          served.items.rows(probe_items), "rating")
+    assert raw.max() > 6 and raw.min() < 0  # the clip matters here, and
+    assert abs(np.sqrt(np.mean((raw - labels) ** 2)) - learner_rmse) > 0.1  # so unclipped RMSE would differ
+
+    monitor, live, metrics = make_monitor()
+    live.swap(served)
+    monitor.observe([{"user_id": u, "item_id": i, "label": y, "kind": "rating", "model_version": "mf-1",
+                      "ts": 0.0, "anomalous": False} for u, i, y in zip(probe_users, probe_items, labels)])
+    assert gauge(metrics, "streamrec_served_rmse", kind="rating") == pytest.approx(learner_rmse, rel=1e-5)
+    np.testing.assert_allclose(served.predict("g0", ["hit0", "avg0"], "rating"),
+                               mf.predict(["g0", "g0"], ["hit0", "avg0"], kind="rating"), rtol=1e-5)
