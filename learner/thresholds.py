@@ -9,6 +9,8 @@ scores, a z-factor, a warm-up period).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +76,26 @@ class AdaptiveThreshold:
         self.n = 0
         self.mean = 0.0
         self.var = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """Parameters and statistics as JSON-serialisable values (``from_state`` rebuilds it)."""
+        return {"z": self.z, "horizon": self.horizon, "warmup": self.warmup, "log_scale": self.log_scale,
+                "min_threshold": self.min_threshold, "n": self.n, "mean": self.mean, "var": self.var}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> AdaptiveThreshold:
+        """The threshold ``state()`` described: it grades the next scores as the original would."""
+        threshold = cls(state["z"], state["horizon"], state["warmup"], state["log_scale"], state["min_threshold"])
+        n, mean, var = state["n"], state["mean"], state["var"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        for name, value in (("mean", mean), ("var", var)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if var < 0:
+            raise ValueError(f"var must be >= 0, got {var!r}")
+        threshold.n, threshold.mean, threshold.var = n, float(mean), float(var)
+        return threshold
 
     @property
     def threshold(self) -> float:

@@ -9,6 +9,30 @@ returns follow the ``anomalies`` topic contract: ``{entity, kind, score, grade, 
 
 Pure logic: no Faust or Kafka here; the Faust agent feeds ``AnomalyDetector.observe_batch``.
 
+Restarts. A worker that restarts (crash or deploy) must not start blind: cold forests and
+thresholds in warm-up raise no alarm for the first ``warmup`` scorings per kind. So the state
+comes back from two sources:
+
+* the windows from the Parquet log (``warm_windows``, fed by ``IngestPipeline.restore``): the
+  events of the last ``idle_s`` seconds, observed again in time order but not scored. An entity
+  whose history since it was last forgotten lies in that span gets its windows back exactly; one
+  active for longer misses the older part of its decayed counts (at most exp(-idle_s / window_s)
+  of them, 5% with the defaults, and the age correction of ``_rate`` makes up for most of that);
+* the learned state from a checkpoint (``snapshot`` / ``DetectorSnapshot.save``, then
+  ``load_checkpoint``): both forests (``RandomCutForest.save``, .npz without pickle), both
+  thresholds, the flagged users and when each entity was last scored (so that a restored entity
+  is scored on the schedule it would have kept). The worker saves one after a log flush, at most
+  once per ``detector_checkpoint_interval_s``, and at a clean stop. The detector has then seen
+  batches whose offsets are not committed yet; after a crash Kafka delivers them again and the
+  forests and thresholds learn them a second time. That is a small drift of models that follow
+  a long stream anyway, and the reason the windows come from the log instead.
+
+A checkpoint is a folder: one file per part under a fresh name, each written to a temporary
+file and renamed, then ``manifest.json`` (replaced atomically, so it is the commit point) naming
+the files with their sha256 and the detector's settings. Loading verifies every hash and the
+settings; anything missing, corrupt or written with other settings is logged and the detector
+starts cold, without failing and without unpickling anything.
+
 Features (event time; counts decay with time constant ``window_s``, distinct counts over the
 last ``window_s`` seconds):
 
@@ -20,8 +44,17 @@ last ``window_s`` seconds):
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import logging
 import math
+import os
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +67,14 @@ ITEM_FEATURES = ("click_rate", "click_spike", "ctr", "distinct_users")
 SPIKE_FRACTION = 0.1  # the spike window is this fraction of the feature window
 INTER_ARRIVAL_WEIGHT = 0.2  # weight of the newest gap in the inter-arrival moving average
 SWEEP_FRACTION = 0.25  # idle entities are looked for every this fraction of idle_s (event time)
+KINDS = ("user", "item")
+CHECKPOINT_FORMAT = "streamrec.detector/1"
+MANIFEST = "manifest.json"
+# Files of a checkpoint folder that its manifest does not name are removed once they are this old:
+# younger ones may belong to a save in progress (in another worker, when workers share the folder).
+STALE_S = 300.0
+
+log = logging.getLogger(__name__)
 
 
 class _User:
@@ -244,9 +285,16 @@ class AnomalyDetector:
         self.min_events = min_events
         self.idle_s = float(idle_s)
         self.forests = {kind: RandomCutForest(num_trees, sample_size, 1, None, seed + k)
-                        for k, kind in enumerate(("user", "item"))}
-        self.thresholds = {kind: AdaptiveThreshold(z, horizon, warmup) for kind in ("user", "item")}
-        self.last_scores = {kind: np.empty(0) for kind in ("user", "item")}
+                        for k, kind in enumerate(KINDS)}
+        self.thresholds = {kind: AdaptiveThreshold(z, horizon, warmup) for kind in KINDS}
+        # The settings a checkpoint must match (as JSON gives them back).
+        self.params: dict[str, Any] = {
+            "window_s": self.windows.window_s, "score_every_s": self.score_every_s,
+            "min_events": min_events, "idle_s": self.idle_s, "num_trees": int(num_trees),
+            "sample_size": int(sample_size), "z": float(z), "horizon": int(horizon),
+            "warmup": int(warmup), "seed": int(seed),
+        }
+        self.last_scores = {kind: np.empty(0) for kind in KINDS}
         self._flagged: set[str] = set()
         self._clock = -math.inf
         self._swept = -math.inf
@@ -281,6 +329,64 @@ class AnomalyDetector:
         """The users flagged now."""
         return frozenset(self._flagged)
 
+    def warm_windows(self, events: Iterable[dict[str, Any]]) -> None:
+        """Rebuild the windows from logged events after a restart: observe them in time order
+        (ties in the given order), advance the clock, score nothing."""
+        for event in sorted(events, key=itemgetter("ts")):
+            self.windows.observe(event)
+            self._clock = max(self._clock, float(event["ts"]))
+        self._swept = self._clock
+
+    def snapshot(self) -> DetectorSnapshot:
+        """A copy of the learned state, consistent when taken between two batches; its ``save``
+        may then run in another thread while the detector goes on."""
+        return DetectorSnapshot(
+            params=dict(self.params),
+            forests={kind: copy.deepcopy(forest) for kind, forest in self.forests.items()},
+            thresholds={kind: threshold.state() for kind, threshold in self.thresholds.items()},
+            flagged=sorted(self._flagged),
+            scored={"user": _scored(self.windows.users), "item": _scored(self.windows.items)},
+        )
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> bool:
+        """Take the learned state from the checkpoint in ``directory``; True when it was used.
+
+        Call it after ``warm_windows``: scoring times and flags apply to the entities in the
+        windows (the others are forgotten or were only seen in batches the log lacks, which
+        Kafka delivers again). A missing, corrupt or mismatching checkpoint is logged and leaves
+        the detector cold.
+        """
+        directory = Path(directory)
+        if not (directory / MANIFEST).is_file():
+            level = logging.WARNING if directory.exists() else logging.INFO
+            log.log(level, "no detector checkpoint in %s: starting cold", directory)
+            return False
+        try:
+            forests, thresholds, flagged, scored = _read_checkpoint(directory, self.params)
+        except Exception as err:  # noqa: BLE001 (whatever is wrong with it, the worker starts cold)
+            log.warning("detector checkpoint in %s not used (%s: %s): starting cold", directory, type(err).__name__, err)
+            return False
+        self.forests, self.thresholds = forests, thresholds
+        for kind, table in (("user", self.windows.users), ("item", self.windows.items)):
+            for key, scored_ts in scored[kind].items():
+                entity = table.get(key)
+                if entity is not None:
+                    entity.scored_ts = scored_ts
+        self._flagged = {user for user in flagged if user in self.windows.users}
+        return True
+
+    def describe(self) -> str:
+        """What the detector holds, for the start-up log."""
+        def warm(threshold: AdaptiveThreshold) -> str:
+            if threshold.n >= threshold.warmup:
+                return "past warm-up"
+            return f"in warm-up ({threshold.n}/{threshold.warmup})"
+
+        return (f"{len(self.windows.users)} users / {len(self.windows.items)} items in windows, "
+                f"forests with {self.forests['user'].n_points} / {self.forests['item'].n_points} points, "
+                f"thresholds {warm(self.thresholds['user'])} / {warm(self.thresholds['item'])} (user / item), "
+                f"{len(self._flagged)} users flagged")
+
     def _score(self, kind: str, touched: dict[str, None], states: dict[str, _User] | dict[str, _Item],
                names: tuple[str, ...], features_of: Callable[[str], dict[str, float]]
                ) -> list[dict[str, Any]]:
@@ -310,3 +416,83 @@ class AnomalyDetector:
                 records.append({"entity": key, "kind": kind, "score": score, "grade": grade,
                                 "features": feats, "ts": states[key].last_ts})
         return records
+
+
+@dataclass
+class DetectorSnapshot:
+    """The learned state of an ``AnomalyDetector`` at one moment (``AnomalyDetector.snapshot``)."""
+
+    params: dict[str, Any]
+    forests: dict[str, RandomCutForest]
+    thresholds: dict[str, dict[str, Any]]
+    flagged: list[str]
+    scored: dict[str, dict[str, float]]  # kind -> entity -> event time of its latest score
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the checkpoint to ``directory``: the parts under fresh names, then the manifest
+        (the commit point), then remove parts no manifest needs any more."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tag = f"{time.time_ns()}-{os.getpid()}"
+        names = {}
+        for kind, forest in self.forests.items():
+            names[f"forest-{kind}"] = name = f"forest-{kind}-{tag}.npz"
+            forest.save(directory / name)
+        names["state"] = f"state-{tag}.json"
+        state = {"thresholds": self.thresholds, "flagged": self.flagged, "scored": self.scored}
+        _write_atomic(directory / names["state"], json.dumps(state, allow_nan=False).encode())
+        manifest = {
+            "format": CHECKPOINT_FORMAT,
+            "created": time.time(),
+            "params": self.params,
+            "files": {role: {"name": name, "sha256": _sha256(directory / name)} for role, name in names.items()},
+        }
+        _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
+        stale_before = time.time() - STALE_S
+        for path in directory.iterdir():
+            if (path.name != MANIFEST and path.name not in names.values() and path.is_file()
+                    and path.stat().st_mtime < stale_before):
+                path.unlink(missing_ok=True)
+
+
+def _scored(states: dict[str, _User] | dict[str, _Item]) -> dict[str, float]:
+    return {key: state.scored_ts for key, state in states.items() if state.scored_ts > -math.inf}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
+        dict[str, RandomCutForest], dict[str, AdaptiveThreshold], list[str], dict[str, dict[str, float]]]:
+    """A checkpoint's forests, thresholds, flagged users and scoring times, once its format,
+    settings and hashes check out."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"format {manifest.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    saved = manifest["params"]
+    differences = [f"{key} {saved.get(key)!r} there, {params.get(key)!r} here"
+                   for key in sorted(saved.keys() | params.keys()) if saved.get(key) != params.get(key)]
+    if differences:
+        raise ValueError("written with other settings: " + ", ".join(differences))
+    paths = {}
+    for role in (*(f"forest-{kind}" for kind in KINDS), "state"):
+        entry = manifest["files"][role]
+        path = directory / entry["name"]
+        if path.name != entry["name"]:
+            raise ValueError(f"file name {entry['name']!r} is not a plain name")
+        if _sha256(path) != entry["sha256"]:
+            raise ValueError(f"{path.name}: sha256 mismatch")
+        paths[role] = path
+    forests = {kind: RandomCutForest.load(paths[f"forest-{kind}"]) for kind in KINDS}
+    state = json.loads(paths["state"].read_text())
+    thresholds = {kind: AdaptiveThreshold.from_state(state["thresholds"][kind]) for kind in KINDS}
+    flagged = [str(user) for user in state["flagged"]]
+    scored = {kind: {str(key): float(ts) for key, ts in state["scored"][kind].items()} for kind in KINDS}
+    return forests, thresholds, flagged, scored

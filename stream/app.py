@@ -9,6 +9,10 @@ only then are the offsets of the batches it holds committed. A crash at any poin
 replays those batches; the dedupe window, seeded from the log at start-up, keeps a replayed event
 from being logged twice. Sends are at least once; the log is exactly once.
 
+The anomaly detector's windows are rebuilt from the log at start-up too; its learned state
+(forests, thresholds, flags) is checkpointed in ``<log_dir>/_detector/`` after a flush, at most
+once per ``detector_checkpoint_interval_s``, and at a clean stop (see ``stream.anomaly``).
+
 The steps overlap where that is safe: the next batch is processed while Kafka acknowledges the
 last one's output, and a flush encodes its files in a thread while batches go on. One flush is in
 flight at a time, so offsets are committed in order.
@@ -38,6 +42,8 @@ from stream.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
 
 log = logging.getLogger(__name__)
 
+DETECTOR_CHECKPOINT = "_detector"  # the detector's checkpoint folder, under the log root
+
 
 @dataclass
 class Worker:
@@ -51,6 +57,7 @@ class Worker:
     group_id: str
     buffer: LogBuffer
     app: faust.App = field(init=False)
+    _checkpointed: float = field(default_factory=time.monotonic, init=False)  # of the last one (or the start)
 
     async def send(self, result: BatchResult) -> Awaitable[int]:
         """Hand a batch's dead letters, examples and anomalies to the producer; the returned
@@ -66,13 +73,39 @@ class Worker:
         await (await self.send(result))
         self.buffer.add(result.examples, result.log_table, {})
 
-    async def flush(self, pending: Pending, commit: Callable[[dict], Awaitable[None]]) -> None:
-        """Write buffered rows (encoded in a thread, made visible by renames), then commit offsets."""
+    async def flush(self, pending: Pending, commit: Callable[[dict], Awaitable[None]], final: bool = False) -> None:
+        """Write buffered rows (encoded in a thread, made visible by renames), commit offsets, then
+        checkpoint the detector when one is due (always when ``final``)."""
         if pending.rows:
             staged = await asyncio.get_running_loop().run_in_executor(None, self._stage, pending)
             self.log.commit(staged)
         if pending.offsets:
             await commit(pending.offsets)
+        await self.checkpoint_detector(force=final)
+
+    @property
+    def detector_dir(self) -> Path:
+        """Where the detector's checkpoint lives: next to the log it is restored with."""
+        return self.log.root / DETECTOR_CHECKPOINT
+
+    async def checkpoint_detector(self, force: bool = False) -> None:
+        """Save the detector's learned state if ``detector_checkpoint_interval_s`` has passed.
+
+        The copy is taken here, on the event loop between two batches, so it is consistent; the
+        files are written in a thread. A failed write is logged: the previous checkpoint stays.
+        """
+        detector = self.pipeline.detector
+        now = time.monotonic()
+        if detector is None or (not force and now - self._checkpointed < self.settings.detector_checkpoint_interval_s):
+            return
+        self._checkpointed = now
+        snapshot = detector.snapshot()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, snapshot.save, self.detector_dir)
+        except OSError as err:
+            log.warning("could not write the detector checkpoint to %s: %s", self.detector_dir, err)
+            return
+        log.debug("detector checkpoint written to %s", self.detector_dir)
 
     def _stage(self, pending: Pending) -> list:
         tag = str(time.time_ns())
@@ -152,7 +185,7 @@ class IngestService(Service):
             await self._settle(*in_flight)
         if flushing is not None:
             await flushing
-        await worker.flush(worker.buffer.take(), consumer.commit)
+        await worker.flush(worker.buffer.take(), consumer.commit, final=True)
 
     async def _settle(self, acknowledged: asyncio.Future, result: BatchResult, offsets: dict, started: float) -> None:
         await acknowledged
@@ -186,6 +219,13 @@ def create_worker(
     worker = Worker(settings, pipeline, event_log, topics, BatchSender(settings.bootstrap_servers),
                     group_id=settings.topic_prefix + "streamrec-ingest",
                     buffer=LogBuffer(settings.log_flush_rows, settings.log_flush_interval_s))
+    if detector is not None:
+        # After pipeline.restore: the checkpoint's scoring times and flags apply to the entities
+        # whose windows came back from the log.
+        if detector.load_checkpoint(worker.detector_dir):
+            log.info("restored anomaly detector: %s", detector.describe())
+        else:
+            log.info("anomaly detector with cold models: %s", detector.describe())
     datadir = state_dir() / "faust" / (settings.topic_prefix + app_id)
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

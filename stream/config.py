@@ -94,5 +94,9 @@ class StreamSettings:
     # rows or its oldest row waited log_flush_interval_s; offsets are committed after each flush.
     log_flush_rows: int = field(default_factory=lambda: env_int("LOG_FLUSH_ROWS", 200_000))
     log_flush_interval_s: float = field(default_factory=lambda: env_float("LOG_FLUSH_INTERVAL_S", 5.0))
+    # The anomaly detector's learned state is checkpointed after a log flush at most this often
+    # (seconds), and at a clean stop (stream.anomaly, "Restarts").
+    detector_checkpoint_interval_s: float = field(
+        default_factory=lambda: env_float("DETECTOR_CHECKPOINT_INTERVAL_S", 60.0))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("WORKER_WEB_PORT", 6066))

@@ -10,28 +10,42 @@ from __future__ import annotations
 import base64
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
-from stream import metrics
-from stream.dedupe import DedupeWindow
 import pyarrow as pa
 
+from stream import metrics
+from stream.dedupe import DedupeWindow
 from stream.eventlog import EVENTS, EVENTS_SCHEMA, EXAMPLES, ParquetLog, events_table
 from stream.events import InvalidEvent, decode
 from stream.join import MATCHED, ImpressionJoiner
 
+if TYPE_CHECKING:
+    from stream.anomaly import DetectorSnapshot
+
 
 class AnomalyDetector(Protocol):
-    """What the pipeline needs of an anomaly detector (``stream.anomaly``)."""
+    """What the pipeline and the worker need of an anomaly detector (``stream.anomaly``)."""
 
     def observe_batch(self, events: Sequence[dict]) -> list[dict]: ...
 
     def is_flagged(self, user_id: str) -> bool: ...
 
     last_scores: dict  # kind -> the scores of the latest batch (for the score histogram)
+    idle_s: float  # entities idle this long are forgotten: how much of the log ``restore`` replays
+
+    def warm_windows(self, events: Sequence[dict]) -> None: ...
+
+    def snapshot(self) -> DetectorSnapshot: ...
+
+    def load_checkpoint(self, directory: Path) -> bool: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass
@@ -220,17 +234,20 @@ class IngestPipeline:
         _count(metrics.EXAMPLES, labels)
 
     def restore(self, log: ParquetLog) -> dict:
-        """Rebuild the dedupe window and the open slates from the log after a (re)start.
+        """Rebuild the dedupe window, the open slates and the detector's windows from the log
+        after a (re)start.
 
         The log holds exactly the events whose offsets may have been committed, so ids seen there
-        are duplicates when Kafka delivers them again, and impressions still inside their window
-        wait for clicks as if the worker had never stopped.
+        are duplicates when Kafka delivers them again, impressions still inside their window
+        wait for clicks as if the worker had never stopped, and the detector's windows see the
+        events of its last ``idle_s`` seconds again (unscored; ``AnomalyDetector.warm_windows``).
         """
         newest_hour = log.newest_hour_start(EVENTS)
         if newest_hour is None:
             return {"events": 0, "open_slates": 0}
         newest = log.read(EVENTS, since_ts=newest_hour, columns=["ts"])["ts"].max()
-        horizon = max(self.dedupe.window_s, self.joiner.window_s)
+        detector = self.detector
+        horizon = max(self.dedupe.window_s, self.joiner.window_s, detector.idle_s if detector is not None else 0.0)
         rows = log.read(EVENTS, since_ts=newest - horizon)
         ids = rows.drop_duplicates("event_id")
         self.dedupe.seed(zip(ids["event_id"], ids["ts"]))
@@ -241,6 +258,9 @@ class IngestPipeline:
         negatives_logged = set(labelled.loc[labelled["label"] == 0, "request_id"])
         impressions = rows[rows["type"] == "impression"]
         slates = [_impression_from_rows(group) for _, group in impressions.groupby("event_id", sort=False)]
+        if detector is not None:
+            first_rows = impressions.drop_duplicates("event_id").index  # in the order of the groups
+            detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), newest - detector.idle_s))
         slates.sort(key=lambda imp: imp["ts"])
         # A slate whose negatives are in the log was closed (perhaps by the idle timer, ahead of
         # event time); one whose window has passed is closed too. The rest are still open.
@@ -269,6 +289,18 @@ def _label_name(kind: str, positive: bool) -> str:
     if kind == "rating":
         return "rating"
     return "positive" if positive else "negative"
+
+
+def _events_since(rows: pd.DataFrame, impressions: dict[int, dict], since: float) -> list[dict]:
+    """The logged events with ts >= since in log order, as far as the detector's windows need
+    them: ``impressions`` (by the index of their first row) as they are; clicks and ratings
+    rebuilt with type, user, time and item."""
+    events = {row: imp for row, imp in impressions.items() if imp["ts"] >= since}
+    others = rows[(rows["type"] != "impression") & (rows["ts"] >= since)]
+    for row, kind, user_id, ts, item_id in zip(others.index, others["type"], others["user_id"],
+                                                others["ts"], others["item_id"]):
+        events[row] = {"type": kind, "user_id": user_id, "ts": float(ts), "item_id": item_id}
+    return [events[row] for row in sorted(events)]
 
 
 def _impression_from_rows(group: pd.DataFrame) -> dict:

@@ -2,47 +2,15 @@
 examples are marked anomalous (the learner skips those: tests/test_learner_service.py)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from stream import events as ev
 from stream.config import Topics
 from stream.producer import EventProducer
 from stream.topics import ensure_topics
+from tests.traffic import BASE_TS, click_flood
 from tests.workerproc import WorkerProcess, read_topic, wait_for
 
 pytestmark = pytest.mark.kafka
-
-BASE_TS = 1_750_000_000.0
-
-
-def _traffic(n_users: int = 120, n_items: int = 1000, duration_s: float = 5400.0,
-             bot: tuple[float, float] = (2700.0, 4200.0), seed: int = 0) -> list[dict]:
-    """Normal users: a 10-item slate every ~60 s, a click on 10% of them. The bot: a slate and a
-    click on it every ~1.2 s (50x a normal pace, CTR ~1) between ``bot`` seconds."""
-    rng = np.random.default_rng(seed)
-    out = []
-
-    def session(user: str, t: float, click_prob: float) -> None:
-        shown = [f"i{i}" for i in rng.choice(n_items, 10, replace=False)]
-        request = f"{user}-{t:.3f}"
-        out.append(ev.impression(user, request, "m0", "softmax",
-                                 [{"item_id": it, "position": p + 1, "propensity": 0.1} for p, it in enumerate(shown)],
-                                 ts=BASE_TS + t))
-        if rng.random() < click_prob:
-            out.append(ev.click(user, request, shown[rng.integers(3)], ts=BASE_TS + t + rng.uniform(0.2, 5)))
-
-    for u in range(n_users):
-        gap = 60.0 * rng.lognormal(0.0, 0.5)
-        t = rng.uniform(0, gap)
-        while t < duration_s:
-            session(f"u{u}", t, 0.1)
-            t += rng.exponential(gap)
-    t = bot[0]
-    while t < bot[1]:
-        session("bot", t, 1.0)
-        t += rng.exponential(1.2)
-    return sorted(out, key=lambda e: e["ts"])
 
 
 def test_click_flood_bot_is_flagged_in_the_stream(kafka_bootstrap, unique_name, tmp_path):
@@ -52,7 +20,7 @@ def test_click_flood_bot_is_flagged_in_the_stream(kafka_bootstrap, unique_name, 
     passing alarms are expected, a systematic false-positive problem is not."""
     topics = Topics(f"t{unique_name}.")
     ensure_topics(kafka_bootstrap, 2, topics)
-    traffic = _traffic()
+    traffic = click_flood()
     with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
         producer.send_many(traffic)
     worker = WorkerProcess(kafka_bootstrap, topics.prefix, tmp_path, "--attribution-window-s", "30",
@@ -73,3 +41,32 @@ def test_click_flood_bot_is_flagged_in_the_stream(kafka_bootstrap, unique_name, 
     assert bot["anomalous"].mean() >= 0.8
     normal_flagged = examples[(examples["user_id"] != "bot") & examples["anomalous"]]["user_id"].nunique()
     assert normal_flagged <= 3
+
+
+def test_detector_checkpoint_at_clean_stop_is_restored_by_the_next_worker(kafka_bootstrap, unique_name, tmp_path,
+                                                                         monkeypatch):
+    """SIGTERM makes the worker checkpoint its detector next to the log (the interval is too long
+    for a periodic one here); the restarted worker rebuilds the windows from the log, loads the
+    checkpoint, and goes on with the rest of the stream."""
+    monkeypatch.setenv("STREAMREC_DETECTOR_CHECKPOINT_INTERVAL_S", "3600")
+    topics = Topics(f"t{unique_name}.")
+    ensure_topics(kafka_bootstrap, 2, topics)
+    traffic = click_flood(n_users=30, duration_s=1200.0, bot=(600.0, 900.0))
+    first = [e for e in traffic if e["ts"] < BASE_TS + 800]
+    worker = WorkerProcess(kafka_bootstrap, topics.prefix, tmp_path, anomaly=True)
+    manifest = worker.log_dir / "_detector" / "manifest.json"
+    with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
+        producer.send_many(first)
+    worker.start()
+    try:
+        wait_for(lambda: worker.logged_events()["event_id"].nunique() == len(first), 120, "the first events", worker)
+        assert not manifest.exists()
+        worker.stop()
+        assert manifest.exists(), worker.output()[-3000:]
+        with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
+            producer.send_many(traffic[len(first):])
+        worker.start()
+        wait_for(lambda: worker.logged_events()["event_id"].nunique() == len(traffic), 120, "all events", worker)
+    finally:
+        worker.stop()
+    assert "restored anomaly detector: 31 users" in worker.output()
