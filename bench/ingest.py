@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ from stream.config import Topics
 from stream.kafka_local import broker_for_run, free_port
 from stream.metrics import scrape, total
 from stream.output import BatchSender
-from stream.processes import stop
+from stream.processes import spawn, stop
 from stream.producer import EventProducer
 from stream.sources import synthetic_events
 from stream.topics import ensure_topics
@@ -143,13 +141,8 @@ def _events_seen(port: int) -> float:
 def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool, timeout_s: float) -> tuple[float, float]:
     """Run ``streamrec worker`` over the topic; return (events per second, the worker's peak RSS in MB)."""
     port = free_port()
-    env = dict(os.environ, STREAMREC_HOME=str(workdir / "home"))
-    cmd = [sys.executable, "-m", "stream.cli", "worker", "--bootstrap-servers", bootstrap,
-           "--topic-prefix", prefix, "--log-dir", str(workdir / "log"), "--web-port", str(port)]
-    if not anomaly:
-        cmd.append("--no-anomaly")
-    with open(workdir / "worker.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc = spawn(workdir, "worker", "worker", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix,
+                 "--log-dir", str(workdir / "log"), "--web-port", str(port), *(() if anomaly else ("--no-anomaly",)))
     try:
         first_t = first_n = None
         deadline = time.monotonic() + timeout_s

@@ -75,7 +75,7 @@ from serving.popularity import Popularity
 from serving.recommend import Recommender
 from serving.scorer import BatchScorer
 from serving.seen import SeenItems
-from serving.settings import ServeSettings
+from serving.settings import RETRIEVAL_MODES, ServeSettings
 from stream.config import Topics
 from stream.kafka_local import broker_for_run, free_port
 from stream.topics import ensure_topics
@@ -119,8 +119,7 @@ def make_model(store: Path, n_users: int, n_items: int, k: int, seed: int,
 
 def index_settings(retrieval: str) -> IndexSettings:
     """The replica's index settings (``streamrec serve`` defaults, environment included)."""
-    s = ServeSettings(bootstrap_servers="-", retrieval=retrieval)
-    return IndexSettings(mode=s.retrieval, min_items=s.ivf_min_items, probe=s.ivf_probe, clusters=s.ivf_clusters)
+    return IndexSettings.of(ServeSettings(bootstrap_servers="-", retrieval=retrieval))
 
 
 def measure_recall(model: ServingModel, n_users: int, queries: int, seed: int, k: int = 10) -> dict:
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=10, help="slate length (default 10)")
     parser.add_argument("--policy", default="greedy", choices=("greedy", "epsilon_greedy", "softmax"),
                         help="policy of the requests (default greedy)")
-    parser.add_argument("--retrieval", default="ivf", choices=("ivf", "exact"),
+    parser.add_argument("--retrieval", default="ivf", choices=RETRIEVAL_MODES,
                         help="the replica's --retrieval (default ivf: the index from 50,000 items)")
     parser.add_argument("--catalogue", default="clustered", choices=CATALOGUES,
                         help="structure of the served model's vectors (default clustered; see above)")

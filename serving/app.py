@@ -52,8 +52,7 @@ class ServingApp:
         self.recommender = Recommender(self.live, self.scorer, self.seen, self.popularity, self.monitor, kind=s.kind,
                                        candidates=s.candidates, epsilon=s.epsilon, temperature=s.temperature,
                                        seed=s.seed)
-        self.index = IndexSettings(mode=s.retrieval, min_items=s.ivf_min_items, probe=s.ivf_probe,
-                                   clusters=s.ivf_clusters)
+        self.index = IndexSettings.of(s)
         self.updater = ModelUpdater(s.store_dir, s.model, self.live, self.metrics, self.monitor.recent_outcomes,
                                     s.shadow_tolerance, s.shadow_min_outcomes, index=self.index)
         self.web = build_app(self.recommender, self.metrics, self.readiness, self.monitor.maybe_refresh_drift)

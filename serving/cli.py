@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from serving.settings import ServeSettings
+from serving.settings import RETRIEVAL_MODES, ServeSettings
 
 # flag name -> (type, help); the defaults shown come from ServeSettings (environment included).
 _FLAGS = {
@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{text} (default {getattr(defaults, name)})")
     p.add_argument("--kind", choices=("rating", "click"), default=None,
                    help=f"which model ranks and scores (default {defaults.kind})")
-    p.add_argument("--retrieval", choices=("ivf", "exact"), default=None,
+    p.add_argument("--retrieval", choices=RETRIEVAL_MODES, default=None,
                    help="how a known user's candidates are found: 'exact' scores every item; 'ivf' scores the "
                         "items of the --ivf-probe clusters of a k-means index nearest the user (plus every item "
                         "a delta changed since the index was built), exactly, and runs the policy on those "

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-MODES = ("ivf", "exact")
+from serving.settings import RETRIEVAL_MODES, ServeSettings
+
 _ASSIGN_BLOCK = 8192
 _SAMPLE_PER_CLUSTER = 64
 _MIN_FRESH_FOR_STALE = 1024
@@ -75,10 +76,16 @@ class IndexSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"retrieval mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval mode must be one of {RETRIEVAL_MODES}, got {self.mode!r}")
         if self.min_items < 1 or self.probe < 1 or self.clusters < 0 or self.iterations < 1:
             raise ValueError("min_items, probe and iterations must be positive and clusters not negative")
+
+    @classmethod
+    def of(cls, settings: ServeSettings) -> IndexSettings:
+        """The index settings of a replica's ``ServeSettings``."""
+        return cls(mode=settings.retrieval, min_items=settings.ivf_min_items, probe=settings.ivf_probe,
+                   clusters=settings.ivf_clusters)
 
     def wants_index(self, n_items: int) -> bool:
         return self.mode == "ivf" and n_items >= self.min_items
@@ -96,6 +103,13 @@ def nearest(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         # argmin |x - c|^2 = argmax <x, c> - |c|^2 / 2
         out[start:start + len(block)] = np.argmax(block @ centroids.T - half_norms, axis=1)
     return out
+
+
+def train_centroids(matrix: np.ndarray, settings: IndexSettings, init: np.ndarray | None = None) -> np.ndarray:
+    """The centroids of an index of ``matrix``: k-means from scratch, or warm-started from the
+    ``init`` centroids of an earlier build with half the iterations."""
+    iterations = settings.iterations if init is None else max(1, settings.iterations // 2)
+    return kmeans(matrix, settings.n_clusters(len(matrix)), iterations, settings.seed, init)
 
 
 def kmeans(matrix: np.ndarray, n_clusters: int, iterations: int, seed: int = 0,
@@ -174,11 +188,9 @@ class ItemIndex:
     # -- building ------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, matrix: np.ndarray, settings: IndexSettings, init: np.ndarray | None = None) -> ItemIndex:
-        """Cluster ``matrix`` (k-means from scratch, or warm-started from ``init``) and index every row."""
-        iterations = settings.iterations if init is None else max(1, settings.iterations // 2)
-        centroids = kmeans(matrix, settings.n_clusters(len(matrix)), iterations, settings.seed, init)
-        return cls.from_centroids(matrix, centroids, settings)
+    def build(cls, matrix: np.ndarray, settings: IndexSettings) -> ItemIndex:
+        """Cluster ``matrix`` (k-means from scratch) and index every row."""
+        return cls.from_centroids(matrix, train_centroids(matrix, settings), settings)
 
     @classmethod
     def from_centroids(cls, matrix: np.ndarray, centroids: np.ndarray, settings: IndexSettings) -> ItemIndex:

@@ -106,12 +106,12 @@ class ServingModel:
         )
         return model.with_index(index) if index is not None else model
 
-    def with_index(self, settings: IndexSettings, init: np.ndarray | None = None) -> ServingModel:
-        """This version with an item index built from scratch (or warm-started from ``init``
-        centroids) when ``settings`` want one for its catalogue, else with none."""
+    def with_index(self, settings: IndexSettings) -> ServingModel:
+        """This version with an item index built from scratch when ``settings`` want one for its
+        catalogue, else with none."""
         if not settings.wants_index(len(self.items)):
             return replace(self, index=None) if self.index is not None else self
-        return replace(self, index=ItemIndex.build(self.items.matrix(), settings, init))
+        return replace(self, index=ItemIndex.build(self.items.matrix(), settings))
 
     @property
     def n_factors(self) -> int:

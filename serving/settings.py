@@ -7,6 +7,9 @@ from pathlib import Path
 
 from stream.config import env, env_float, env_int, state_dir
 
+# How a replica finds a known user's candidates (``serving.index``): an IVF index, or every item.
+RETRIEVAL_MODES = ("ivf", "exact")
+
 
 @dataclass
 class ServeSettings:
@@ -53,7 +56,7 @@ class ServeSettings:
             (self.seen_users >= 1 and self.seen_per_user >= 1, "seen_users and seen_per_user must be positive"),
             (self.popularity_half_life_s > 0, "popularity_half_life_s must be positive"),
             (self.examples_lookback_s >= 0, "examples_lookback_s must not be negative"),
-            (self.retrieval in ("ivf", "exact"), "retrieval must be ivf or exact"),
+            (self.retrieval in RETRIEVAL_MODES, f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}"),
             (self.ivf_min_items >= 1 and self.ivf_probe >= 1, "ivf_min_items and ivf_probe must be positive"),
             (self.ivf_clusters >= 0, "ivf_clusters must not be negative (0: about sqrt(items))"),
         ]

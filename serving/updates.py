@@ -46,7 +46,7 @@ import numpy as np
 import orjson
 
 from learner.updates import Delta, DeltaAssembler, SnapshotError, read_snapshot
-from serving.index import IndexSettings, ItemIndex, kmeans
+from serving.index import IndexSettings, ItemIndex, train_centroids
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
 from serving.model import ServingModel
@@ -244,11 +244,8 @@ class ModelUpdater:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         init = base.index.centroids if base.index is not None else None
-        iterations = settings.iterations if init is None else max(1, settings.iterations // 2)
         try:
-            centroids = await loop.run_in_executor(None, kmeans, base.items.matrix(),
-                                                   settings.n_clusters(len(base.items)), iterations, settings.seed,
-                                                   init)
+            centroids = await loop.run_in_executor(None, train_centroids, base.items.matrix(), settings, init)
             async with self._swap_lock:
                 current = self.live.current
                 rebuilt = await loop.run_in_executor(None, _with_centroids, current, centroids, settings)

@@ -23,8 +23,8 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 from pathlib import Path
 
 import faust
@@ -59,7 +59,7 @@ class Worker:
     app: faust.App = field(init=False)
     _checkpointed: float = field(default_factory=time.monotonic, init=False)  # of the last one (or the start)
 
-    async def send(self, result: BatchResult) -> Awaitable[int]:
+    async def send(self, result: BatchResult) -> Awaitable[list]:
         """Hand a batch's dead letters, examples and anomalies to the producer; the returned
         awaitable finishes when Kafka has acknowledged all of them."""
         topics = self.topics

@@ -143,11 +143,6 @@ def events_table(
     return pa.Table.from_arrays(columns, schema=EVENTS_SCHEMA)
 
 
-def event_rows(event: dict, partition: int | None = None, offset: int | None = None) -> list[dict]:
-    """The log rows of one validated event as dictionaries (see ``events_table``)."""
-    return events_table([event], [partition], [offset]).to_pylist()
-
-
 @lru_cache(maxsize=4096)
 def _hour_folder(hour_bucket: int) -> tuple[str, str]:
     t = datetime.fromtimestamp(hour_bucket * 3600, tz=timezone.utc)

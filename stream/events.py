@@ -437,7 +437,6 @@ def _reject_constant(name: str) -> Any:
 
 
 _decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
-_fast_json = orjson.loads
 
 
 def decode(raw: bytes | None) -> dict:
@@ -453,7 +452,7 @@ def decode(raw: bytes | None) -> dict:
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("too_large", f"{len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
     try:
-        event = _fast_json(raw)
+        event = orjson.loads(raw)
     except ValueError:  # orjson.JSONDecodeError: the exact reason comes from the slow path
         pass
     else:
@@ -501,9 +500,7 @@ def encode(event: dict) -> bytes:
     problems = validate(event)
     if problems:
         raise ValidationError(problems)
-    raw = _encode_checked(event) if _holds_only_contract_fields(event) else None
-    if raw is None:
-        raw = _encode_strict(event)
+    raw = _encode_fast(event) or _encode_strict(event)
     if len(raw) > MAX_EVENT_BYTES:
         raise ValidationError([Problem("", "too_large", f"{len(raw)} bytes encoded, at most {MAX_EVENT_BYTES} allowed")])
     return raw
@@ -516,7 +513,10 @@ def _holds_only_contract_fields(event: dict) -> bool:
     return items is None or all(map(_CHECKED_ITEM_FIELDS.issuperset, items))
 
 
-def _encode_checked(event: dict) -> bytes | None:
+def _encode_fast(event: dict) -> bytes | None:
+    """orjson's encoding of an event that holds only contract fields; None for any other."""
+    if not _holds_only_contract_fields(event):
+        return None
     try:
         return orjson.dumps(event)
     except TypeError:  # a subclass of float, an int beyond 64 bits: the strict path decides

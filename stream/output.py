@@ -57,9 +57,9 @@ class BatchSender:
             self._key_partition[cache_key] = partition
         return partition
 
-    async def enqueue(self, messages: Sequence[Message]) -> Awaitable[int]:
+    async def enqueue(self, messages: Sequence[Message]) -> Awaitable[list]:
         """Hand every message to the producer; the returned awaitable finishes when Kafka has
-        acknowledged all of them (and returns how many there were).
+        acknowledged all of them.
 
         The caller can do other work between the two steps: the worker processes its next batch
         while the broker acknowledges this one.
@@ -84,10 +84,4 @@ class BatchSender:
         for (topic, partition), builder in builders.items():
             if builder.record_count():
                 pending.append(await producer.send_batch(builder, topic, partition=partition))
-        return _all_acknowledged(pending, len(messages))
-
-
-async def _all_acknowledged(pending: list, count: int) -> int:
-    if pending:
-        await asyncio.gather(*pending)
-    return count
+        return asyncio.gather(*pending)

@@ -15,7 +15,6 @@ from stream.eventlog import (
     EXAMPLES,
     EXAMPLES_SCHEMA,
     ParquetLog,
-    event_rows,
     events_table,
 )
 
@@ -51,6 +50,11 @@ def click(ts=T + 1, event_id="clk1") -> dict:
 def rating(ts=T + 2, event_id="rat1", value=4.5, user_id="u1") -> dict:
     return {"event_id": event_id, "type": "rating", "schema_version": 1, "user_id": user_id, "ts": ts,
             "item_id": "z", "value": value}
+
+
+def event_rows(event: dict, partition: int | None = None, offset: int | None = None) -> list[dict]:
+    """The log rows of one event on its own, as dictionaries."""
+    return events_table([event], [partition], [offset]).to_pylist()
 
 
 def example_row(ts, item_id="a", label=1.0, event_id=None) -> dict:

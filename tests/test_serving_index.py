@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import doctest
-from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import pytest
 import serving.index
 from learner.updates import Delta, ModelRows
 from serving import policies
-from serving.index import IndexSettings, ItemIndex, kmeans
+from serving.index import IndexSettings, kmeans
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
 from serving.model import ServingModel
@@ -287,8 +285,7 @@ def test_a_stale_index_is_rebuilt_in_the_background_without_losing_deltas(tmp_pa
         late = ModelRows(["late"], np.ones((1, K)), np.ones(1), np.zeros(1))
         await updater._apply([Delta("mf", 3, "mf-3", 3.5, -1.0, ModelRows.empty(K), late, 1002.0, None)])
         await updater._rebuild
-        return ids
-    ids = asyncio.run(body())
+    asyncio.run(body())
     current = live.current
     assert current.version == "mf-3" and current.items.row("late") >= 0
     assert not current.index.stale and len(current.index.fresh_rows) == 0
