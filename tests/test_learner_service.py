@@ -87,20 +87,25 @@ def test_learner_trains_publishes_and_resumes_from_its_offsets(kafka_bootstrap, 
     ensure_topics(kafka_bootstrap, 2, topics)
     examples = _examples(6000)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    for e in examples[:3000]:
-        producer.send(topics.examples, key=e["user_id"].encode(), value=json.dumps(e).encode())
-    producer.flush()
+
+    def send(part: list[dict]) -> None:
+        for e in part:
+            producer.send(topics.examples, key=e["user_id"].encode(), value=json.dumps(e).encode())
+        producer.flush()
+
+    send(examples[:3000])
 
     learner = LearnerProcess(kafka_bootstrap, topics.prefix, tmp_path).start()
     try:
         wait_for(lambda: _checkpointed(learner) >= 3000, 120, "a checkpoint of the first 3000 examples")
-        for e in examples[3000:]:
-            producer.send(topics.examples, key=e["user_id"].encode(), value=json.dumps(e).encode())
-        producer.flush()
+        # The last quarter is produced only after the kill, so the kill always lands mid-stream
+        # (a fast learner used to checkpoint all 6000 before it).
+        send(examples[3000:4500])
         wait_for(lambda: 3000 < _checkpointed(learner), 120, "a checkpoint inside the second half")
         learner.kill(signal.SIGKILL)
         resumed_from = _checkpointed(learner)
         assert resumed_from < 6000, "the kill must land before the end for this test to mean anything"
+        send(examples[4500:])
 
         learner.start()
         wait_for(lambda: _checkpointed(learner) == 6000, 120, "the rest of the stream")
