@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
 
@@ -73,12 +73,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, worker: W
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[dict]:
-    """Read JSON messages from the start of ``topic`` until ``expected`` arrived (or the timeout)."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=1000)
+    """Read JSON messages from the start of ``topic`` until ``expected`` arrived (or the timeout).
+
+    Every partition is assigned explicitly and read from its beginning: a group-less
+    ``subscribe`` once read nothing for 90 s in CI from a topic that held the messages.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
     out: list[dict] = []
     deadline = time.monotonic() + timeout
     try:
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions and time.monotonic() < deadline:
+            time.sleep(0.2)
+            partitions = consumer.partitions_for_topic(topic)
+        consumer.assign([TopicPartition(topic, p) for p in partitions or ()])
+        consumer.seek_to_beginning()
         while len(out) < expected and time.monotonic() < deadline:
             for message in consumer:
                 out.append(json.loads(message.value))
