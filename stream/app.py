@@ -43,6 +43,7 @@ from stream.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
 log = logging.getLogger(__name__)
 
 DETECTOR_CHECKPOINT = "_detector"  # the detector's checkpoint folder, under the log root
+DRAIN_TIMEOUT_S = 30.0  # how long a clean stop waits for the ingest loop to write what it accepted
 
 
 @dataclass
@@ -122,6 +123,10 @@ class IngestService(Service):
     while batch reads keep the pipeline's own work the cost that counts. Offsets are committed by
     hand after the batch's sends are acknowledged and its rows are on disk, so neither a crash nor
     an error can commit an event that is not in the log.
+
+    A clean stop (SIGTERM) drains: ``on_stop`` runs before mode cancels the service's tasks, so it
+    waits (at most ``DRAIN_TIMEOUT_S``) for the loop to see ``should_stop``, write and commit what
+    it accepted and checkpoint the detector, and only then closes the consumer and the producer.
     """
 
     worker: "Worker"
@@ -129,6 +134,8 @@ class IngestService(Service):
     def __init__(self, **kwargs) -> None:  # noqa: ANN003 (mode.Service's keyword arguments)
         super().__init__(**kwargs)
         self._consumer: AIOKafkaConsumer | None = None
+        self._consuming = False
+        self._drained = asyncio.Event()
 
     async def on_start(self) -> None:
         w = self.worker
@@ -145,6 +152,12 @@ class IngestService(Service):
         log.info("consuming %s as group %s", w.topics.events, w.group_id)
 
     async def on_stop(self) -> None:
+        if self._consuming:
+            try:
+                await asyncio.wait_for(self._drained.wait(), DRAIN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("the ingest loop did not finish within %.0f s of the stop; "
+                            "its unwritten batches will be replayed", DRAIN_TIMEOUT_S)
         if self._consumer is not None:
             await self._consumer.stop()
         await self.worker.sender.stop()
@@ -155,6 +168,13 @@ class IngestService(Service):
         batch N's output; N's rows enter the log buffer only once acknowledged; a flush writes
         the buffer in a thread while batches go on, and commits offsets when its files are
         visible. One flush at a time, so offsets are committed in order."""
+        self._consuming = True
+        try:
+            await self._consume_until_stopped()
+        finally:
+            self._drained.set()
+
+    async def _consume_until_stopped(self) -> None:
         consumer, worker = self._consumer, self.worker
         timeout_ms = int(worker.settings.batch_timeout_s * 1000)
         in_flight: tuple[asyncio.Future, BatchResult, dict, float] | None = None
