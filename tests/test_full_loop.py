@@ -2,6 +2,13 @@
 
 A user's new clicks on items of one kind must move that user's live recommendations toward items
 of that kind within seconds.
+
+The traffic is spread over event time the way real traffic is: slates every few tens of
+milliseconds, so the negatives of a slate (emitted when its attribution window closes) reach the
+learner interleaved with the clicks of later slates. An earlier version put every slate into the
+same 150 ms of event time; the worker then emitted all the clicks at once and all the negatives
+only when the windows closed, and whether the online learner ended up separating the two tastes
+depended on where its batch boundaries fell (it failed once in CI).
 """
 from __future__ import annotations
 
@@ -26,19 +33,24 @@ A = [f"a{i}" for i in range(10)]
 B = [f"b{i}" for i in range(10)]
 
 
-def _sessions(user: str, liked: list[str], n: int, rng: random.Random, t0: float) -> list[dict]:
-    """n slates of 3 A and 3 B items; the user clicks the liked items shown in the top 4."""
+def _sessions(users: list[tuple[str, list[str]]], n: int, rng: random.Random, t0: float, every_s: float) -> list[dict]:
+    """n rounds of one slate per user, a slate every ``every_s`` seconds of event time from ``t0``.
+
+    A slate shows 3 A and 3 B items; its user clicks the liked items shown in the top 4, half a
+    second later.
+    """
     out = []
-    for s in range(n):
+    slates = ((s, user, liked) for s in range(n) for user, liked in users)
+    for k, (s, user, liked) in enumerate(slates):
         shown = rng.sample(A, 3) + rng.sample(B, 3)
         rng.shuffle(shown)
         request = f"{user}-{s}-{rng.random():.6f}"
-        ts = t0 + s * 0.01
+        ts = t0 + k * every_s
         out.append(ev.impression(user, request, "m0", "uniform",
-                                 [{"item_id": it, "position": p + 1, "propensity": 1 / 20} for p, it in enumerate(shown)],
-                                 ts=ts))
-        out += [ev.click(user, request, it, ts=ts + 0.001) for it in shown[:4] if it in liked]
-    return out
+                                 [{"item_id": it, "position": p + 1, "propensity": 1 / 20}
+                                  for p, it in enumerate(shown)], ts=ts))
+        out += [ev.click(user, request, it, ts=ts + 0.5) for it in shown[:4] if it in liked]
+    return sorted(out, key=lambda e: e["ts"])
 
 
 def _recommend(port: int, user: str) -> dict:
@@ -67,13 +79,10 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
                "--port", str(port), "--kind", "click", "--seed", "0"),
     ]
     rng = random.Random(0)
-    t0 = time.time()
+    fans = [(f"fan-a{u}", A) for u in range(30)] + [(f"fan-b{u}", B) for u in range(30)]
     try:
-        warmup = []
-        for u in range(30):
-            warmup += _sessions(f"fan-a{u}", A, 15, rng, t0)
-            warmup += _sessions(f"fan-b{u}", B, 15, rng, t0)
-        warmup += _sessions("target", A, 15, rng, t0)
+        # 915 slates over the 18 s of event time that ended a minute ago
+        warmup = _sessions([*fans, ("target", A)], 15, rng, time.time() - 78, every_s=0.02)
         with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
             producer.send_many(warmup)
 
@@ -87,15 +96,24 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
         wait_for(target_known_and_likes_a, 180, "serving to recommend A items to the A-clicking target user")
         before = _recommend(port, "target")
 
+        # 40 slates over the last 10 s, on which the target now clicks B items
         with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
-            producer.send_many(_sessions("target", B, 40, rng, time.time()))
+            producer.send_many(_sessions([("target", B)], 40, rng, time.time() - 10, every_s=0.25))
         clicked_at = time.monotonic()
         wait_for(lambda: _share_b(_recommend(port, "target")) >= 0.6, 60,
                  "the target's recommendations to turn to B items")
         after = _recommend(port, "target")
         assert after["model_version"] != before["model_version"]
         assert time.monotonic() - clicked_at < 60
+        # the last slates' negatives (window 2 s, then 2 s of idle grace) must not turn it back
+        time.sleep(8)
+        settled = _recommend(port, "target")
+        assert _share_b(settled) >= 0.6, settled
         assert all(p.poll() is None for p in procs), "a component died"
+    except AssertionError:
+        for name in ("worker", "learner", "serving"):
+            print(f"--- {name}.log (tail)\n" + (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:])
+        raise
     finally:
         for p in procs:
             stop(p)
