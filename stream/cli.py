@@ -76,7 +76,8 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
     settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
     settings.topic_prefix = args.topic_prefix
     for name in ("partitions", "batch_size", "batch_timeout_s", "log_flush_rows", "log_flush_interval_s",
-                 "dedupe_window_s", "attribution_window_s", "web_port", "web_host"):
+                 "dedupe_window_s", "attribution_window_s", "idle_grace_s", "detector_checkpoint_interval_s",
+                 "web_port", "web_host"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
@@ -260,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"... or once the oldest waiting row is this old (default {defaults.log_flush_interval_s:g})")
     p.add_argument("--dedupe-window-s", type=float, default=None, help=f"event-time window of event_id dedupe (default {defaults.dedupe_window_s:.0f})")
     p.add_argument("--attribution-window-s", type=float, default=None, help=f"click attribution window (default {defaults.attribution_window_s:.0f})")
+    p.add_argument("--idle-grace-s", type=float, default=None,
+                   help=f"after this long without events, event time follows the wall clock so open slates "
+                        f"still close (default {defaults.idle_grace_s:g})")
+    p.add_argument("--detector-checkpoint-interval-s", type=float, default=None,
+                   help=f"save the anomaly detector's state after a log write at most this often "
+                        f"(default {defaults.detector_checkpoint_interval_s:g}; always at a clean stop)")
     p.add_argument("--web-host", default=None, help=f"address of the /metrics server (default {defaults.web_host})")
     p.add_argument("--web-port", type=int, default=None, help=f"port of the /metrics server, 0 to disable (default {defaults.web_port})")
     p.add_argument("--no-anomaly", action="store_true", help="do not score traffic for anomalies")
