@@ -19,39 +19,17 @@ import urllib.request
 
 import pytest
 
-from stream import events as ev
 from stream.config import Topics
 from stream.kafka_local import free_port
 from stream.processes import spawn, stop
 from stream.producer import EventProducer
 from stream.topics import ensure_topics
+from tests.traffic import TASTE_A as A
+from tests.traffic import TASTE_B as B
+from tests.traffic import taste_slates
 from tests.workerproc import wait_for
 
 pytestmark = pytest.mark.kafka
-
-A = [f"a{i}" for i in range(10)]
-B = [f"b{i}" for i in range(10)]
-
-
-def _sessions(users: list[tuple[str, list[str]]], n: int, rng: random.Random, t0: float, every_s: float) -> list[dict]:
-    """n rounds of one slate per user, a slate every ``every_s`` seconds of event time from ``t0``.
-
-    A slate shows 3 A and 3 B items; its user clicks the liked items shown in the top 4, half a
-    second later.
-    """
-    out = []
-    slates = ((s, user, liked) for s in range(n) for user, liked in users)
-    for k, (s, user, liked) in enumerate(slates):
-        shown = rng.sample(A, 3) + rng.sample(B, 3)
-        rng.shuffle(shown)
-        request = f"{user}-{s}-{rng.random():.6f}"
-        ts = t0 + k * every_s
-        out.append(ev.impression(user, request, "m0", "uniform",
-                                 [{"item_id": it, "position": p + 1, "propensity": 1 / 20}
-                                  for p, it in enumerate(shown)], ts=ts))
-        out += [ev.click(user, request, it, ts=ts + 0.5) for it in shown[:4] if it in liked]
-    return sorted(out, key=lambda e: e["ts"])
-
 
 def _recommend(port: int, user: str) -> dict:
     url = f"http://127.0.0.1:{port}/recommendations?user_id={user}&k=5&policy=greedy&exclude_seen=false"
@@ -82,7 +60,7 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
     fans = [(f"fan-a{u}", A) for u in range(30)] + [(f"fan-b{u}", B) for u in range(30)]
     try:
         # 915 slates over the 18 s of event time that ended a minute ago
-        warmup = _sessions([*fans, ("target", A)], 15, rng, time.time() - 78, every_s=0.02)
+        warmup = taste_slates([*fans, ("target", A)], 15, rng, time.time() - 78, every_s=0.02)
         with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
             producer.send_many(warmup)
 
@@ -98,7 +76,7 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
 
         # 40 slates over the last 10 s, on which the target now clicks B items
         with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
-            producer.send_many(_sessions([("target", B)], 40, rng, time.time() - 10, every_s=0.25))
+            producer.send_many(taste_slates([("target", B)], 40, rng, time.time() - 10, every_s=0.25))
         clicked_at = time.monotonic()
         wait_for(lambda: _share_b(_recommend(port, "target")) >= 0.6, 60,
                  "the target's recommendations to turn to B items")

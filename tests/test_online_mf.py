@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import random
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from learner import OnlineMF
 from stream.join import ImpressionJoiner
+from tests.traffic import TASTE_A, TASTE_B, taste_slates
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -291,30 +293,18 @@ def test_ips_correction_ranks_relevant_items_better_than_raw_clicks():
     assert ndcg[True] >= ndcg[False] + 0.03, ndcg
 
 
-def joined_click_stream(users: list[tuple[str, str]], rounds: int, rng: np.random.Generator, t0: float,
-                        every_s: float, joiner: ImpressionJoiner) -> list[dict]:
-    """Click examples in the order the worker emits them: one slate of 3 "a" and 3 "b" items per
-    user and round, one every ``every_s`` s of event time; its user clicks the items of its taste
-    shown in the top 4, 0.5 s later, and the joiner emits the slate's negatives when its window
-    closes."""
-    out, k = [], 0
-    for r in range(rounds):
-        for user, taste in users:
-            ts = t0 + k * every_s
-            k += 1
-            shown = [f"a{i}" for i in rng.choice(10, 3, replace=False)] + [f"b{i}" for i in rng.choice(10, 3, replace=False)]
-            rng.shuffle(shown)
-            request = f"{user}-{r}"
-            out += joiner.advance(ts)
-            joiner.on_impression({"event_id": request, "user_id": user, "ts": ts, "request_id": request,
-                                  "model_version": "m0", "policy": "uniform",
-                                  "items": [{"item_id": it, "position": p + 1, "propensity": 0.05}
-                                            for p, it in enumerate(shown)]})
-            for it in shown[:4]:
-                if it[0] == taste:
-                    out.append(joiner.on_click({"event_id": f"{request}-{it}", "user_id": user, "ts": ts + 0.5,
-                                                "request_id": request, "item_id": it})[1])
-    return out + joiner.advance(t0 + k * every_s + 10)
+def joined(events: list[dict], joiner: ImpressionJoiner) -> list[dict]:
+    """The click examples of ``events`` in the order the worker emits them: a positive when its
+    click arrives, a slate's negatives when event time passes the end of its window."""
+    out = []
+    for event in events:
+        out += joiner.advance(event["ts"])
+        if event["type"] == "impression":
+            joiner.on_impression(event)
+        else:
+            _, example = joiner.on_click(event)
+            out += [example] if example is not None else []
+    return out + joiner.advance(events[-1]["ts"] + 10 * joiner.window_s)
 
 
 @pytest.mark.parametrize("batch", [1, 64, 512])
@@ -322,10 +312,10 @@ def test_clicks_tell_two_tastes_apart_and_follow_a_user_whose_taste_changed(batc
     """Traffic spread over event time, joined as the worker joins it: the model separates fans of
     "a" items from fans of "b" items, and a fan of "a" who now clicks only "b" items is then
     recommended "b" items, after the negatives of those slates too."""
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     joiner = ImpressionJoiner(window_s=2)
-    fans = [(f"fan-{taste}{u}", taste) for taste in "ab" for u in range(30)]
-    warmup = joined_click_stream([*fans, ("target", "a")], 15, rng, 0.0, 0.02, joiner)
+    fans = [(f"fan-{taste}{u}", liked) for taste, liked in (("a", TASTE_A), ("b", TASTE_B)) for u in range(30)]
+    warmup = joined(taste_slates([*fans, ("target", TASTE_A)], 15, rng, 0.0, every_s=0.02), joiner)
     model = OnlineMF(n_factors=8, device="cpu")
 
     def learn(examples: list[dict]) -> None:
@@ -340,9 +330,9 @@ def test_clicks_tell_two_tastes_apart_and_follow_a_user_whose_taste_changed(batc
 
     learn(warmup)
     assert share_b("target") <= 0.2
-    assert np.mean([share_b(user) for user, taste in fans if taste == "a"]) <= 0.2
-    assert np.mean([share_b(user) for user, taste in fans if taste == "b"]) >= 0.8
-    learn(joined_click_stream([("target", "b")], 40, rng, 100.0, 0.25, joiner))
+    assert np.mean([share_b(user) for user, liked in fans if liked is TASTE_A]) <= 0.2
+    assert np.mean([share_b(user) for user, liked in fans if liked is TASTE_B]) >= 0.8
+    learn(joined(taste_slates([("target", TASTE_B)], 40, rng, 100.0, every_s=0.25), joiner))
     assert share_b("target") >= 0.8
 
 
