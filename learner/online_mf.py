@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.ids import IdMap
 from learner.position_bias import PositionBiasEstimator, check_positions
-from learner.updates import ModelRows, sha256_file
+from learner.updates import ModelRows, atomic_write, sha256_file
 
 KINDS = ("rating", "click")
 FORMAT_VERSION = 2  # 2: bias split into level and decaying part, implicit feedback tables
@@ -665,7 +665,7 @@ class OnlineMF:
         for name, array in pbm_arrays.items():
             tensors[f"position_bias.{name}"] = torch.from_numpy(np.ascontiguousarray(array))
         weights_path = folder / WEIGHTS_FILE
-        _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp))
+        atomic_write(weights_path, lambda tmp: save_file(tensors, tmp))
         meta = {
             "format_version": FORMAT_VERSION,
             "hyperparameters": {name: getattr(self, name) for name in _HYPERPARAMETERS},
@@ -679,8 +679,8 @@ class OnlineMF:
             "position_bias": pbm_meta,
             "weights_sha256": sha256_file(weights_path),
         }
-        _atomic_write(folder / META_FILE,
-                      lambda tmp: Path(tmp).write_text(json.dumps(meta), encoding="utf-8"))
+        atomic_write(folder / META_FILE,
+                     lambda tmp: Path(tmp).write_text(json.dumps(meta), encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto") -> OnlineMF:
@@ -902,8 +902,3 @@ def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

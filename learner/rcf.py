@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from learner import _rcf_kernels as kernels
+from learner.updates import atomic_write
 
 _FORMAT = "streamrec.rcf/1"
 _BATCH = 4096  # points per kernel call: bounds the (num_trees, batch) score buffer
@@ -163,11 +164,11 @@ class RandomCutForest:
             "shingle_size": self.shingle_size, "time_decay": self.time_decay, "seed": self.seed,
             "dim": self.dim, "n_points": self.n_points,
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, params=np.array(json.dumps(params)), recent=self._recent, **self._state)
-        os.replace(tmp, path)
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: given a name, np.savez would append .npz
+                np.savez(fh, params=np.array(json.dumps(params)), recent=self._recent, **self._state)
+
+        atomic_write(Path(path), write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RandomCutForest":

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +218,14 @@ def _concat(parts: list[ModelRows], k: int) -> ModelRows:
         return ModelRows.empty(k)
     return ModelRows(ids, np.concatenate([p.vectors for p in parts]), np.concatenate([p.biases for p in parts]),
                      np.concatenate([p.click_biases for p in parts]))
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Write ``path`` all or nothing: ``write`` fills a temporary file next to it (its path is the
+    argument), which then replaces ``path`` in one rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:

@@ -45,7 +45,6 @@ last ``window_s`` seconds):
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -61,6 +60,7 @@ import numpy as np
 
 from learner.rcf import RandomCutForest
 from learner.thresholds import AdaptiveThreshold
+from learner.updates import atomic_write, sha256_file
 
 USER_FEATURES = ("event_rate", "ctr", "distinct_items", "inter_arrival_s")
 ITEM_FEATURES = ("click_rate", "click_spike", "ctr", "distinct_users")
@@ -440,14 +440,15 @@ class DetectorSnapshot:
             forest.save(directory / name)
         names["state"] = f"state-{tag}.json"
         state = {"thresholds": self.thresholds, "flagged": self.flagged, "scored": self.scored}
-        _write_atomic(directory / names["state"], json.dumps(state, allow_nan=False).encode())
+        _write_json(directory / names["state"], state)
+
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "created": time.time(),
             "params": self.params,
-            "files": {role: {"name": name, "sha256": _sha256(directory / name)} for role, name in names.items()},
+            "files": {role: {"name": name, "sha256": sha256_file(directory / name)} for role, name in names.items()},
         }
-        _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
+        _write_json(directory / MANIFEST, manifest, indent=1)
         stale_before = time.time() - STALE_S
         for path in directory.iterdir():
             if (path.name != MANIFEST and path.name not in names.values() and path.is_file()
@@ -459,14 +460,8 @@ def _scored(states: dict[str, _User] | dict[str, _Item]) -> dict[str, float]:
     return {key: state.scored_ts for key, state in states.items() if state.scored_ts > -math.inf}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_json(path: Path, value: Any, indent: int | None = None) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=indent, allow_nan=False)))
 
 
 def _read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
@@ -487,7 +482,7 @@ def _read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
         path = directory / entry["name"]
         if path.name != entry["name"]:
             raise ValueError(f"file name {entry['name']!r} is not a plain name")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise ValueError(f"{path.name}: sha256 mismatch")
         paths[role] = path
     forests = {kind: RandomCutForest.load(paths[f"forest-{kind}"]) for kind in KINDS}
