@@ -441,7 +441,6 @@ class DetectorSnapshot:
         names["state"] = f"state-{tag}.json"
         state = {"thresholds": self.thresholds, "flagged": self.flagged, "scored": self.scored}
         _write_json(directory / names["state"], state)
-
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "created": time.time(),

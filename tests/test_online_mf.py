@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from learner import OnlineMF
-from stream.join import ImpressionJoiner
+from stream.events import encode
+from stream.pipeline import IngestPipeline, Record
 from tests.traffic import TASTE_A, TASTE_B, taste_slates
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -293,18 +294,13 @@ def test_ips_correction_ranks_relevant_items_better_than_raw_clicks():
     assert ndcg[True] >= ndcg[False] + 0.03, ndcg
 
 
-def joined(events: list[dict], joiner: ImpressionJoiner) -> list[dict]:
-    """The click examples of ``events`` in the order the worker emits them: a positive when its
-    click arrives, a slate's negatives when event time passes the end of its window."""
+def joined(events: list[dict], pipeline: IngestPipeline) -> list[dict]:
+    """The click examples the worker's pipeline makes of ``events`` arriving one by one: a positive
+    when its click arrives, a slate's negatives when event time passes the end of its window."""
     out = []
-    for event in events:
-        out += joiner.advance(event["ts"])
-        if event["type"] == "impression":
-            joiner.on_impression(event)
-        else:
-            _, example = joiner.on_click(event)
-            out += [example] if example is not None else []
-    return out + joiner.advance(events[-1]["ts"] + 10 * joiner.window_s)
+    for offset, event in enumerate(events):
+        out += pipeline.process([Record(encode(event), partition=0, offset=offset)]).examples
+    return out + pipeline.joiner.advance(events[-1]["ts"] + 10 * pipeline.joiner.window_s)
 
 
 @pytest.mark.parametrize("batch", [1, 64, 512])
@@ -313,9 +309,9 @@ def test_clicks_tell_two_tastes_apart_and_follow_a_user_whose_taste_changed(batc
     "a" items from fans of "b" items, and a fan of "a" who now clicks only "b" items is then
     recommended "b" items, after the negatives of those slates too."""
     rng = random.Random(0)
-    joiner = ImpressionJoiner(window_s=2)
+    pipeline = IngestPipeline(attribution_window_s=2)
     fans = [(f"fan-{taste}{u}", liked) for taste, liked in (("a", TASTE_A), ("b", TASTE_B)) for u in range(30)]
-    warmup = joined(taste_slates([*fans, ("target", TASTE_A)], 15, rng, 0.0, every_s=0.02), joiner)
+    warmup = joined(taste_slates([*fans, ("target", TASTE_A)], 15, rng, 0.0, every_s=0.02), pipeline)
     model = OnlineMF(n_factors=8, device="cpu")
 
     def learn(examples: list[dict]) -> None:
@@ -332,7 +328,7 @@ def test_clicks_tell_two_tastes_apart_and_follow_a_user_whose_taste_changed(batc
     assert share_b("target") <= 0.2
     assert np.mean([share_b(user) for user, liked in fans if liked is TASTE_A]) <= 0.2
     assert np.mean([share_b(user) for user, liked in fans if liked is TASTE_B]) >= 0.8
-    learn(joined(taste_slates([("target", TASTE_B)], 40, rng, 100.0, every_s=0.25), joiner))
+    learn(joined(taste_slates([("target", TASTE_B)], 40, rng, 100.0, every_s=0.25), pipeline))
     assert share_b("target") >= 0.8
 
 
