@@ -168,7 +168,10 @@ class OnlineMF:
     - capping the curvature memory of the click biases at 20 examples: the factors no longer
       collapse, but they learn no taste from the burst either.
 
-    So the defaults stay.
+    So the defaults stay. On the worker's side, emitting at a click the negatives of the items
+    shown above it (skip-above) learned the burst in 8 of the 9 runs, but a click above an earlier
+    click of the same slate would then follow its own negative: 37 % of the clicks of the demo's
+    simulation, whose clicks come in random order. So the worker's join stays as it is.
 
     Parameters
     ----------
