@@ -17,9 +17,9 @@ setup: $(STAMP) $(JARS)
 # A first install (PyTorch from PyPI with its CUDA libraries) takes about 6.1 GiB and peaks near 9.1 GiB
 # while the wheels are unpacked; say so before pip runs out of room halfway through.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
-	  sys.exit(0 if free >= 9.5 else f"make: only {free:.1f} GiB free here; the first install needs about 9.5 GiB")'
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { $(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+	  sys.exit(0 if free >= 9.5 else f"make: only {free:.1f} GiB free here; the first install needs about 9.5 GiB")' \
+	  && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip==25.3
 	$(PY) -m pip install --quiet --progress-bar off -e '.[dev,bench]'
 	@rm -f $(VENV)/.installed-* && touch $@

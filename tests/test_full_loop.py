@@ -26,7 +26,7 @@ from stream.producer import EventProducer
 from stream.topics import ensure_topics
 from tests.traffic import TASTE_A as A
 from tests.traffic import TASTE_B as B
-from tests.traffic import taste_slates
+from tests.traffic import taste_fans, taste_slates
 from tests.workerproc import wait_for
 
 pytestmark = pytest.mark.kafka
@@ -57,7 +57,7 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
                "--port", str(port), "--kind", "click", "--seed", "0"),
     ]
     rng = random.Random(0)
-    fans = [(f"fan-a{u}", A) for u in range(30)] + [(f"fan-b{u}", B) for u in range(30)]
+    fans = taste_fans(30)
     try:
         # 915 slates over the 18 s of event time that ended a minute ago
         warmup = taste_slates([*fans, ("target", A)], 15, rng, time.time() - 78, every_s=0.02)

@@ -13,7 +13,7 @@ import torch
 from learner import OnlineMF
 from stream.events import encode
 from stream.pipeline import IngestPipeline, Record
-from tests.traffic import TASTE_A, TASTE_B, taste_slates
+from tests.traffic import TASTE_A, TASTE_B, taste_fans, taste_slates
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -310,7 +310,7 @@ def test_clicks_tell_two_tastes_apart_and_follow_a_user_whose_taste_changed(batc
     recommended "b" items, after the negatives of those slates too."""
     rng = random.Random(0)
     pipeline = IngestPipeline(attribution_window_s=2)
-    fans = [(f"fan-{taste}{u}", liked) for taste, liked in (("a", TASTE_A), ("b", TASTE_B)) for u in range(30)]
+    fans = taste_fans(30)
     warmup = joined(taste_slates([*fans, ("target", TASTE_A)], 15, rng, 0.0, every_s=0.02), pipeline)
     model = OnlineMF(n_factors=8, device="cpu")
 

@@ -45,6 +45,12 @@ TASTE_A = [f"a{i}" for i in range(10)]
 TASTE_B = [f"b{i}" for i in range(10)]
 
 
+def taste_fans(per_taste: int) -> list[tuple[str, list[str]]]:
+    """``per_taste`` fans of ``TASTE_A`` (``fan-a0``, ...), then as many of ``TASTE_B``, as
+    (user, liked items) pairs for :func:`taste_slates`."""
+    return [(f"fan-{taste}{u}", liked) for taste, liked in (("a", TASTE_A), ("b", TASTE_B)) for u in range(per_taste)]
+
+
 def taste_slates(users: list[tuple[str, list[str]]], rounds: int, rng: random.Random, t0: float,
                  every_s: float) -> list[dict]:
     """``rounds`` rounds of one slate per user, a slate every ``every_s`` s of event time from
