@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 $(JARS): compose/kafka/pom.xml $(STAMP)
-	$(PY) -c "from stream.kafka_local import ensure_jars; ensure_jars(quiet=True)"
+	$(PY) -c "from stream.tools.kafka_local import ensure_jars; ensure_jars(quiet=True)"
 
 demo: setup
 	$(VENV)/bin/streamrec demo $(DEMO_ARGS)

@@ -1,6 +1,6 @@
 """Ingest throughput: the full Faust pipeline against a raw aiokafka consumer on the same topic.
 
-Produces N events (a realistic mix from ``stream.sources.synthetic_events``) into the broker, then
+Produces N events (a realistic mix from ``sim.sources.synthetic_events``) into the broker, then
 measures in the same run:
 
 - ``raw``: an aiokafka consumer that only fetches and decodes every message with ``orjson.loads``,
@@ -40,13 +40,13 @@ from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
 from bench.common import StolenCpu, emit
-from stream.config import Topics
-from stream.kafka_local import broker_for_run, free_port
-from stream.metrics import scrape, total
-from stream.output import BatchSender
-from stream.processes import spawn, stop
+from stream.topics import Topics
+from stream.tools.kafka_local import broker_for_run, free_port
+from stream.worker.metrics import scrape, total
+from stream.worker.output import BatchSender
+from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
-from stream.sources import synthetic_events
+from sim.sources import synthetic_events
 from stream.topics import ensure_topics
 
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from bench import nab_scoring
 from bench.common import emit
-from learner import AdaptiveThreshold, RandomCutForest
+from stream.anomaly import AdaptiveThreshold, RandomCutForest
 
 QUICK_RRCF_POINTS = 2_000
 FULL_RRCF_POINTS = 32_000

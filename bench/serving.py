@@ -76,8 +76,8 @@ from serving.recommend import Recommender
 from serving.scorer import BatchScorer
 from serving.seen import SeenItems
 from serving.settings import RETRIEVAL_MODES, ServeSettings
-from stream.config import Topics
-from stream.kafka_local import broker_for_run, free_port
+from stream.topics import Topics
+from stream.tools.kafka_local import broker_for_run, free_port
 from stream.topics import ensure_topics
 
 P99_TARGET_MS = 20.0

@@ -1,7 +1,8 @@
-"""Online learning for streamrec: embeddings, position-bias estimation and anomaly scoring.
+"""Online learning for streamrec: user/item embeddings learned from ``examples``, position-bias
+estimation, and the ``model.updates`` format that serving reads.
 
-The public names are imported lazily so that ``import learner`` (the stream worker needs only the
-forest) does not pay for importing torch.
+The public names are imported lazily: serving imports ``learner.updates`` (the publishing format)
+and must not pay for importing torch.
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from typing import Any
 _EXPORTS = {
     "OnlineMF": "learner.online_mf",
     "PositionBiasEstimator": "learner.position_bias",
-    "RandomCutForest": "learner.rcf",
-    "AdaptiveThreshold": "learner.thresholds",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -50,7 +50,8 @@ from safetensors.torch import load_file, save_file
 
 from learner.ids import IdMap
 from learner.position_bias import PositionBiasEstimator, check_positions
-from learner.updates import ModelRows, atomic_write, sha256_file
+from learner.updates import ModelRows
+from stream.files import atomic_write, sha256_file
 
 KINDS = ("rating", "click")
 FORMAT_VERSION = 2  # 2: bias split into level and decaying part, implicit feedback tables

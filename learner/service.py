@@ -35,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from learner.online_mf import OnlineMF
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
-from stream.config import Topics
+from stream.topics import Topics
 
 log = logging.getLogger(__name__)
 

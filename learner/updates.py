@@ -23,19 +23,19 @@ Readers verify both digests before loading; safetensors holds no code, so loadin
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from stream.files import atomic_write, sha256_file
 
 # A reader ignores the fields it does not know, and a missing optional field has a meaning (a
 # message without ``rating_range`` has no range), so adding an optional field keeps the version:
@@ -218,23 +218,6 @@ def _concat(parts: list[ModelRows], k: int) -> ModelRows:
         return ModelRows.empty(k)
     return ModelRows(ids, np.concatenate([p.vectors for p in parts]), np.concatenate([p.biases for p in parts]),
                      np.concatenate([p.click_biases for p in parts]))
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write ``path`` all or nothing: ``write`` fills a temporary file next to it (its path is the
-    argument), which then replaces ``path`` in one rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_snapshot(

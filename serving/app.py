@@ -26,7 +26,7 @@ from serving.scorer import BatchScorer
 from serving.seen import SeenItems
 from serving.settings import ServeSettings
 from serving.updates import ModelUpdater
-from stream.config import Topics
+from stream.topics import Topics
 
 log = logging.getLogger(__name__)
 

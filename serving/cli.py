@@ -98,7 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is imported (module docstring)
     from serving.app import run
-    from stream.cli import resolve_bootstrap
+    from stream.tools.command import resolve_bootstrap
 
     settings = settings_from_args(args)
     settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)

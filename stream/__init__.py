@@ -1,1 +1,2 @@
-"""The event side of streamrec: the event contract, the producer SDK, the Faust app and the local broker."""
+"""The event side of streamrec: the event and example contracts, the producer SDK, the stream
+worker, anomaly detection, the event log and the local broker launcher."""

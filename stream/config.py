@@ -1,4 +1,4 @@
-"""Topic names and runtime settings shared by every streamrec component.
+"""Runtime settings shared by every streamrec component.
 
 Settings come from CLI flags, with ``STREAMREC_*`` environment variables as their defaults, so
 the same code runs locally, in the tests and in a deployment. ``KAFKA_BOOTSTRAP_SERVERS`` selects
@@ -9,49 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-# Topic names (contract, DESIGN.md "Kafka").
-EVENTS_TOPIC = "events"
-DLQ_TOPIC = "events.dlq"
-EXAMPLES_TOPIC = "examples"
-ANOMALIES_TOPIC = "anomalies"
-MODEL_UPDATES_TOPIC = "model.updates"
-ALL_TOPICS = (EVENTS_TOPIC, DLQ_TOPIC, EXAMPLES_TOPIC, ANOMALIES_TOPIC, MODEL_UPDATES_TOPIC)
-
-
-@dataclass(frozen=True)
-class Topics:
-    """The topic names one deployment uses: DESIGN.md's names, behind an optional namespace prefix.
-
-    The prefix (``STREAMREC_TOPIC_PREFIX``, empty by default) lets several deployments, or
-    several tests, share one cluster without sharing topics.
-    """
-
-    prefix: str = ""
-
-    @property
-    def events(self) -> str:
-        return self.prefix + EVENTS_TOPIC
-
-    @property
-    def dlq(self) -> str:
-        return self.prefix + DLQ_TOPIC
-
-    @property
-    def examples(self) -> str:
-        return self.prefix + EXAMPLES_TOPIC
-
-    @property
-    def anomalies(self) -> str:
-        return self.prefix + ANOMALIES_TOPIC
-
-    @property
-    def model_updates(self) -> str:
-        return self.prefix + MODEL_UPDATES_TOPIC
-
-    def all(self) -> tuple[str, ...]:
-        return tuple(self.prefix + name for name in ALL_TOPICS)
-
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The datasets for tests, benchmarks and the demo live beside the checkout, never inside it.

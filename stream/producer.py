@@ -19,7 +19,7 @@ from types import TracebackType
 from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
 
-from stream.config import EVENTS_TOPIC
+from stream.topics import EVENTS_TOPIC
 from stream.events import ValidationError, encode
 
 DEFAULT_LINGER_MS = 5

@@ -1,4 +1,5 @@
-"""Creates streamrec's topics explicitly (the broker does not auto-create them).
+"""The topics (contract, DESIGN.md "Kafka"): their names, and their explicit creation (the broker
+does not auto-create them).
 
 ``model.updates`` has one partition so that every replica sees deltas in publish order, and is
 compacted per key: snapshot manifests share a key per model, so the newest always survives.
@@ -6,14 +7,56 @@ compacted per key: snapshot manifests share a key per model, so the newest alway
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from stream.config import Topics
-
 log = logging.getLogger(__name__)
+
+# Topic names (contract, DESIGN.md "Kafka").
+EVENTS_TOPIC = "events"
+DLQ_TOPIC = "events.dlq"
+EXAMPLES_TOPIC = "examples"
+ANOMALIES_TOPIC = "anomalies"
+MODEL_UPDATES_TOPIC = "model.updates"
+ALL_TOPICS = (EVENTS_TOPIC, DLQ_TOPIC, EXAMPLES_TOPIC, ANOMALIES_TOPIC, MODEL_UPDATES_TOPIC)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names one deployment uses: DESIGN.md's names, behind an optional namespace prefix.
+
+    The prefix (``STREAMREC_TOPIC_PREFIX``, empty by default) lets several deployments, or
+    several tests, share one cluster without sharing topics.
+    """
+
+    prefix: str = ""
+
+    @property
+    def events(self) -> str:
+        return self.prefix + EVENTS_TOPIC
+
+    @property
+    def dlq(self) -> str:
+        return self.prefix + DLQ_TOPIC
+
+    @property
+    def examples(self) -> str:
+        return self.prefix + EXAMPLES_TOPIC
+
+    @property
+    def anomalies(self) -> str:
+        return self.prefix + ANOMALIES_TOPIC
+
+    @property
+    def model_updates(self) -> str:
+        return self.prefix + MODEL_UPDATES_TOPIC
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(self.prefix + name for name in ALL_TOPICS)
+
 
 
 def topic_specs(partitions: int, topics: Topics = Topics()) -> list[NewTopic]:

@@ -1,7 +1,7 @@
 """Shared fixtures: the real Kafka broker for integration tests, and the shared datasets.
 
 When ``KAFKA_BOOTSTRAP_SERVERS`` is set the tests use that cluster; otherwise one local KRaft
-broker is started for the whole session (``stream.kafka_local``) and stopped at the end.
+broker is started for the whole session (``stream.tools.kafka_local``) and stopped at the end.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stream import kafka_local
+from stream.tools import kafka_local
 from stream.config import SHARED_DATA
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from kafka import KafkaConsumer, TopicPartition
 
-from stream.eventlog import EVENTS, EXAMPLES, ParquetLog
+from stream.log.table import EVENTS, EXAMPLES, ParquetLog
 
 
 class WorkerProcess:

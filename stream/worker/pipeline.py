@@ -1,0 +1,320 @@
+"""The ingest logic of the stream worker, free of Faust and Kafka so that it can be tested directly.
+
+One call of ``IngestPipeline.process`` takes a batch of raw Kafka records and decides, for each:
+dead-letter it (with a reason), drop it as a duplicate, or accept it, log it and feed the join;
+then it advances event time, scores traffic for anomalies and returns everything the worker must
+send and write. The Faust agent (``stream.worker.app``) does the I/O around it.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pandas as pd
+import pyarrow as pa
+
+from stream.worker import metrics
+from stream.worker.dedupe import DedupeWindow
+from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, ParquetLog, events_table
+from stream.events import InvalidEvent, decode
+from stream.worker.join import MATCHED, ImpressionJoiner
+
+if TYPE_CHECKING:
+    from stream.anomaly import DetectorSnapshot
+
+
+class AnomalyDetector(Protocol):
+    """What the pipeline and the worker need of an anomaly detector (``stream.anomaly``)."""
+
+    def observe_batch(self, events: Sequence[dict]) -> list[dict]: ...
+
+    def is_flagged(self, user_id: str) -> bool: ...
+
+    last_scores: dict  # kind -> the scores of the latest batch (for the score histogram)
+    idle_s: float  # entities idle this long are forgotten: how much of the log ``restore`` replays
+
+    def warm_windows(self, events: Sequence[dict]) -> None: ...
+
+    def snapshot(self) -> DetectorSnapshot: ...
+
+    def load_checkpoint(self, directory: Path) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class Record:
+    """One Kafka message as the worker received it."""
+
+    value: bytes | None
+    partition: int
+    offset: int
+    key: bytes | None = None
+    topic: str = ""
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: rows to log, messages to send, counts for the logs."""
+
+    log_table: pa.Table = field(default_factory=EVENTS_SCHEMA.empty_table)
+    examples: list[dict] = field(default_factory=list)
+    dlq: list[tuple[bytes | None, dict]] = field(default_factory=list)
+    anomalies: list[dict] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    join_outcomes: Counter = field(default_factory=Counter)
+
+
+def dlq_message(record: Record, error: InvalidEvent) -> dict:
+    """The dead-letter record: reason, detail, the raw bytes (base64) and where they came from."""
+    raw = record.value if record.value is not None else b""
+    return {
+        "reason": error.reason,
+        "detail": error.detail[:2000],
+        "raw": base64.b64encode(raw).decode("ascii"),
+        "raw_encoding": "base64",
+        "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+        "dlq_ts": time.time(),
+    }
+
+
+def rating_example(event: dict) -> dict:
+    """A rating is an example as it stands: label = the rating, no position, propensity 1."""
+    return {
+        "user_id": event["user_id"],
+        "item_id": event["item_id"],
+        "label": float(event["value"]),
+        "position": None,
+        "propensity": 1.0,
+        "weight": 1.0,
+        "model_version": None,
+        "request_id": None,
+        "ts": float(event["ts"]),
+        "kind": "rating",
+        "anomalous": False,
+        "policy": None,
+        "event_id": event["event_id"],
+    }
+
+
+class IngestPipeline:
+    """Validate, deduplicate, log, join and score one batch of raw events at a time.
+
+    Parameters:
+        dedupe_window_s: how long (event time) an event_id is remembered.
+        attribution_window_s: how long a slate waits for clicks before its negatives are emitted.
+        detector: optional anomaly detector; examples of users it flags are marked ``anomalous``.
+        idle_grace_s: after this long without events, event time follows the wall clock so that
+            the last slates of a quiet stream still close.
+        max_weight: clip of the inverse-propensity weight on click examples.
+        anomaly_slice_s: the most event time one anomaly-scoring pass covers (see ``_detect``).
+    """
+
+    def __init__(
+        self,
+        dedupe_window_s: float = 3600.0,
+        attribution_window_s: float = 1800.0,
+        detector: AnomalyDetector | None = None,
+        idle_grace_s: float = 2.0,
+        max_weight: float = 50.0,
+        anomaly_slice_s: float = 60.0,
+    ) -> None:
+        self.dedupe = DedupeWindow(dedupe_window_s)
+        self.joiner = ImpressionJoiner(attribution_window_s, max_weight)
+        self.detector = detector
+        self.idle_grace_s = idle_grace_s
+        self.anomaly_slice_s = anomaly_slice_s
+        self._last_event_ts = float("-inf")
+        self._last_batch_wall = time.monotonic()
+
+    def process(self, records: Sequence[Record]) -> BatchResult:
+        out = BatchResult()
+        accepted: list[dict] = []
+        partitions: list[int] = []
+        offsets: list[int] = []
+        examples = out.examples
+        dlq_reasons: Counter = Counter()
+        types: Counter = Counter()
+        dedupe_add, joiner = self.dedupe.add, self.joiner
+        for record in records:
+            try:
+                event = decode(record.value)
+            except InvalidEvent as err:
+                out.dlq.append((record.key, dlq_message(record, err)))
+                dlq_reasons[err.reason] += 1
+                continue
+            if not dedupe_add(event["event_id"], event["ts"]):
+                out.duplicates += 1
+                continue
+            accepted.append(event)
+            partitions.append(record.partition)
+            offsets.append(record.offset)
+            kind = event["type"]
+            types[kind] += 1
+            if kind == "impression":
+                joiner.on_impression(event)
+            elif kind == "click":
+                outcome, example = joiner.on_click(event)
+                out.join_outcomes[outcome] += 1
+                if example is not None:
+                    examples.append(example)
+            else:
+                examples.append(rating_example(event))
+        out.accepted = len(accepted)
+        if accepted:
+            out.log_table = events_table(accepted, partitions, offsets)
+            self._last_event_ts = max(self._last_event_ts, max(e["ts"] for e in accepted))
+            self._last_batch_wall = time.monotonic()
+            examples.extend(joiner.advance(self._last_event_ts))
+        if self.detector is not None and accepted:
+            out.anomalies = self._detect(accepted)
+        self._finish_examples(examples)
+        _count(metrics.EVENTS, types)
+        _count(metrics.DLQ, dlq_reasons)
+        _count(metrics.UNJOINED_CLICKS, {k: v for k, v in out.join_outcomes.items() if k != MATCHED})
+        if out.duplicates:
+            metrics.DUPLICATES.inc(out.duplicates)
+        return out
+
+    def _detect(self, accepted: list[dict]) -> list[dict]:
+        """Score the batch in slices of at most ``anomaly_slice_s`` of event time, in time order.
+
+        A replayed backlog packs hours of event time into one batch; the detector scores an
+        entity at most once per call, so without slicing a burst inside the batch would be seen
+        only as part of a long average.
+        """
+        detector, records = self.detector, []
+        ordered = sorted(accepted, key=lambda e: e["ts"])
+        start = 0
+        for end in range(1, len(ordered) + 1):
+            if end == len(ordered) or ordered[end]["ts"] - ordered[start]["ts"] > self.anomaly_slice_s:
+                records += detector.observe_batch(ordered[start:end])
+                for scores in detector.last_scores.values():
+                    for score in scores:
+                        metrics.ANOMALY_SCORE.observe(float(score))
+                start = end
+        metrics.ANOMALIES.inc(len(records))
+        return records
+
+    def tick(self) -> BatchResult:
+        """Close slates by wall time when the stream has been idle for ``idle_grace_s``."""
+        out = BatchResult()
+        idle = time.monotonic() - self._last_batch_wall
+        if len(self.joiner) and idle >= self.idle_grace_s and self._last_event_ts > float("-inf"):
+            out.examples = self.joiner.advance(self._last_event_ts + idle)
+            self._finish_examples(out.examples)
+        return out
+
+    def _finish_examples(self, examples: list[dict]) -> None:
+        """Mark the examples of users the detector flags as anomalous; count examples by label."""
+        detector = self.detector
+        if detector is not None:
+            flags: dict[str, bool] = {}
+            flagged = 0
+            for example in examples:
+                user = example["user_id"]
+                flag = flags.get(user)
+                if flag is None:
+                    flag = flags[user] = detector.is_flagged(user)
+                if flag:
+                    example["anomalous"] = True
+                    flagged += 1
+            if flagged:
+                metrics.SKIPPED_ANOMALOUS.inc(flagged)
+        labels: Counter = Counter()
+        for (kind, label), n in Counter(map(_KIND_AND_LABEL, examples)).items():  # counted in C
+            labels[kind, _label_name(kind, label > 0)] += n
+        _count(metrics.EXAMPLES, labels)
+
+    def restore(self, log: ParquetLog) -> dict:
+        """Rebuild the dedupe window, the open slates and the detector's windows from the log
+        after a (re)start.
+
+        The log holds exactly the events whose offsets may have been committed, so ids seen there
+        are duplicates when Kafka delivers them again, impressions still inside their window
+        wait for clicks as if the worker had never stopped, and the detector's windows see the
+        events of its last ``idle_s`` seconds again (unscored; ``AnomalyDetector.warm_windows``).
+        """
+        newest_hour = log.newest_hour_start(EVENTS)
+        if newest_hour is None:
+            return {"events": 0, "open_slates": 0}
+        newest = log.read(EVENTS, since_ts=newest_hour, columns=["ts"])["ts"].max()
+        detector = self.detector
+        horizon = max(self.dedupe.window_s, self.joiner.window_s, detector.idle_s if detector is not None else 0.0)
+        rows = log.read(EVENTS, since_ts=newest - horizon)
+        ids = rows.drop_duplicates("event_id")
+        self.dedupe.seed(zip(ids["event_id"], ids["ts"]))
+        window = self.joiner.window_s
+        labelled = log.read(EXAMPLES, since_ts=newest - horizon - window,
+                            columns=["request_id", "item_id", "label", "kind"])
+        labelled = labelled[labelled["kind"] == "click"]
+        negatives_logged = set(labelled.loc[labelled["label"] == 0, "request_id"])
+        impressions = rows[rows["type"] == "impression"]
+        slates = [_impression_from_rows(group) for _, group in impressions.groupby("event_id", sort=False)]
+        if detector is not None:
+            first_rows = impressions.drop_duplicates("event_id").index  # in the order of the groups
+            detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), newest - detector.idle_s))
+        slates.sort(key=lambda imp: imp["ts"])
+        # A slate whose negatives are in the log was closed (perhaps by the idle timer, ahead of
+        # event time); one whose window has passed is closed too. The rest are still open.
+        is_open = [imp["request_id"] not in negatives_logged and imp["ts"] + window >= newest for imp in slates]
+        positives = labelled[labelled["label"] > 0]
+        self.joiner.restore(
+            [imp for imp, o in zip(slates, is_open) if o],
+            zip(positives["request_id"], positives["item_id"]),
+            newest,
+            closed=[(imp["request_id"], imp["ts"] + window) for imp, o in zip(slates, is_open) if not o],
+        )
+        self._last_event_ts = float(newest)
+        return {"events": len(ids), "open_slates": len(self.joiner)}
+
+
+_KIND_AND_LABEL = itemgetter("kind", "label")
+
+
+def _count(counter, counts: dict) -> None:
+    """Add a batch's counts to a labelled counter: one call per label, not one per event."""
+    for label, n in counts.items():
+        counter.labels(*(label if isinstance(label, tuple) else (label,))).inc(n)
+
+
+def _label_name(kind: str, positive: bool) -> str:
+    if kind == "rating":
+        return "rating"
+    return "positive" if positive else "negative"
+
+
+def _events_since(rows: pd.DataFrame, impressions: dict[int, dict], since: float) -> list[dict]:
+    """The logged events with ts >= since in log order, as far as the detector's windows need
+    them: ``impressions`` (by the index of their first row) as they are; clicks and ratings
+    rebuilt with type, user, time and item."""
+    events = {row: imp for row, imp in impressions.items() if imp["ts"] >= since}
+    others = rows[(rows["type"] != "impression") & (rows["ts"] >= since)]
+    for row, kind, user_id, ts, item_id in zip(others.index, others["type"], others["user_id"],
+                                                others["ts"], others["item_id"]):
+        events[row] = {"type": kind, "user_id": user_id, "ts": float(ts), "item_id": item_id}
+    return [events[row] for row in sorted(events)]
+
+
+def _impression_from_rows(group: pd.DataFrame) -> dict:
+    first = group.iloc[0]
+    return {
+        "event_id": first["event_id"],
+        "type": "impression",
+        "user_id": first["user_id"],
+        "ts": float(first["ts"]),
+        "request_id": first["request_id"],
+        "model_version": first["model_version"],
+        "policy": first["policy"],
+        "items": [
+            {"item_id": row.item_id, "position": int(row.position), "propensity": float(row.propensity)}
+            for row in group.itertuples()
+        ],
+    }

@@ -1,0 +1,75 @@
+"""The worker's log buffer: flush by size or by age, offsets carried to the flush that writes them."""
+from __future__ import annotations
+
+import doctest
+
+import pyarrow as pa
+import pytest
+
+from stream.log import buffer as logbuffer
+from stream.log.buffer import LogBuffer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(n: int) -> pa.Table:
+    return pa.table({"ts": [float(k) for k in range(n)]})
+
+
+def test_docstring_example_runs() -> None:
+    assert doctest.testmod(logbuffer).failed == 0
+
+
+def test_due_by_size_before_the_interval() -> None:
+    buffer = LogBuffer(flush_rows=10, flush_interval_s=60.0, clock=Clock())
+    buffer.add([], rows(6), {"p0": 6})
+    assert not buffer.due()
+    buffer.add([{"ts": 0.0}] * 4, rows(0), {"p0": 9})
+    assert buffer.due() and len(buffer) == 10
+
+
+def test_due_by_age_of_the_oldest_row() -> None:
+    clock = Clock()
+    buffer = LogBuffer(flush_rows=1000, flush_interval_s=5.0, clock=clock)
+    assert not buffer.due()  # empty: never due, however long it waits
+    clock.now = 100.0
+    assert not buffer.due()
+    buffer.add([], rows(1), {"p0": 1})
+    clock.now = 104.9
+    buffer.add([], rows(1), {"p0": 2})  # a later batch does not restart the clock
+    assert not buffer.due()
+    clock.now = 105.0
+    assert buffer.due()
+
+
+def test_take_returns_everything_in_order_and_empties() -> None:
+    buffer = LogBuffer(flush_rows=1000, flush_interval_s=5.0, clock=Clock())
+    buffer.add([{"n": 1}], rows(2), {"p0": 3, "p1": 5})
+    buffer.add([{"n": 2}], rows(3), {"p0": 8})
+    pending = buffer.take()
+    assert pending.examples == [{"n": 1}, {"n": 2}]
+    assert [t.num_rows for t in pending.events] == [2, 3]
+    assert pending.offsets == {"p0": 8, "p1": 5}  # the newest offset of each partition
+    assert pending.rows == 7
+    assert len(buffer) == 0 and not buffer.due() and buffer.take().offsets == {}
+
+
+def test_offsets_alone_make_a_flush_due() -> None:
+    """A batch of only duplicates or dead letters has no rows, but its offsets still need a commit."""
+    clock = Clock()
+    buffer = LogBuffer(flush_rows=10, flush_interval_s=1.0, clock=clock)
+    buffer.add([], rows(0), {"p0": 4})
+    clock.now = 1.0
+    assert buffer.due() and buffer.take().offsets == {"p0": 4}
+
+
+@pytest.mark.parametrize("flush_rows, interval", [(0, 1.0), (10, -1.0), (10, float("nan"))])
+def test_bad_settings_are_refused(flush_rows: int, interval: float) -> None:
+    with pytest.raises(ValueError, match="flush_rows"):
+        LogBuffer(flush_rows, interval)
