@@ -2,7 +2,8 @@
 
 The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batch_timeout_s``):
 
-1. poll ``examples``; drop examples flagged ``anomalous`` (counted) and malformed ones (logged);
+1. poll ``examples`` (``stream.examples.Example``); drop examples flagged ``anomalous`` (counted)
+   and malformed ones (logged);
 2. predict-then-train per kind (``learn_batch`` returns the scores made before the update), which
    gives the prequential RMSE exported as ``streamrec_prequential_rmse{kind}``;
 3. every ``publish_interval_s``: the rows touched since the last publish go out as a delta on
@@ -30,24 +31,16 @@ from pathlib import Path
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 
+from learner.metrics import BATCH_SECONDS, EXAMPLES_SEEN, PUBLISH_TS, RMSE, SKIPPED
 from learner.online_mf import OnlineMF
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
+from stream.examples import CLICK, EXAMPLE_KINDS, Example
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
-
-EXAMPLES_SEEN = Counter("streamrec_learner_examples", "Examples the learner trained on.", ["kind"])
-SKIPPED = Counter("streamrec_learner_skipped", "Examples the learner did not train on, by reason.", ["reason"])
-RMSE = Gauge("streamrec_prequential_rmse", "RMSE of the learner's predictions made before training "
-             "(sliding window; clicks: error of the click probability).", ["kind"])
-BATCH_SECONDS = Histogram("streamrec_learner_batch_seconds", "Wall time of one training micro-batch.",
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-PUBLISH_TS = Gauge("streamrec_model_publish_timestamp_seconds", "When the learner last published a delta.")
-
-KINDS = ("rating", "click")
 
 
 class SlidingRMSE:
@@ -121,17 +114,17 @@ class Learner:
         self.offsets: dict[int, int] = {int(p): o for p, o in state.get("offsets", {}).items()}
         self.seq: int = state.get("seq", 0)
         self.max_event_ts: float | None = state.get("max_event_ts")
-        self.rmse = {kind: SlidingRMSE(settings.rmse_window) for kind in KINDS}
+        self.rmse = {kind: SlidingRMSE(settings.rmse_window) for kind in EXAMPLE_KINDS}
         self._touched_users: set[str] = set()
         self._touched_items: set[str] = set()
         self._stop = False
 
     # -- training ---------------------------------------------------------------------------
 
-    def learn(self, examples: list[dict]) -> int:
+    def learn(self, examples: list[Example]) -> int:
         """Predict-then-train on one micro-batch; returns the number of examples trained on."""
         started = time.perf_counter()
-        by_kind: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        by_kind: dict[str, list[Example]] = {kind: [] for kind in EXAMPLE_KINDS}
         for example in examples:
             if example.get("anomalous"):
                 SKIPPED.labels("anomalous").inc()
@@ -149,9 +142,9 @@ class Learner:
             items = [e["item_id"] for e in batch]
             labels = np.array([e["label"] for e in batch], dtype=np.float64)
             try:
-                if kind == "click":
+                if kind == CLICK:
                     before = self.model.learn_batch(
-                        users, items, labels, kind="click",
+                        users, items, labels, kind=CLICK,
                         positions=[e["position"] for e in batch],
                         propensities=[e["propensity"] for e in batch],
                     )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from learner import OnlineMF
 from stream.events import encode
+from stream.files import sha256_file
 from stream.worker.pipeline import IngestPipeline, Record
 from tests.traffic import TASTE_A, TASTE_B, taste_fans, taste_slates
 
@@ -35,6 +38,13 @@ def stream(model: OnlineMF, users, items, labels, batch: int) -> np.ndarray:
         model.learn_batch(users[s:s + batch], items[s:s + batch], labels[s:s + batch])
         for s in range(0, len(labels), batch)
     ])
+
+
+def top_items(model: OnlineMF, user: str, k: int, kind: str | None = None) -> list[str]:
+    """The ``k`` items with the best scores for ``user`` among every item the model knows, best
+    first (what serving ranks by, without its seen-items filter)."""
+    scores = model.predict([user] * len(model.items), model.items.ids, kind=kind)
+    return [model.items.ids[j] for j in np.argsort(-scores, kind="stable")[:k]]
 
 
 def bursty_stream(seed: int, n: int = 3_000):
@@ -224,7 +234,7 @@ def test_compiled_cpu_step_matches_the_torch_formulation(settings):
         scores.append(np.concatenate([
             model.learn_batch(users[b], items[b], labels[b], weights=weights[b]) for b in batches
         ]))
-        tables.append({name: table.numpy().copy() for name, table in model._tables.items()})
+        tables.append({name: table.numpy().copy() for name, table in model.tables.items()})
     np.testing.assert_allclose(scores[0], scores[1], rtol=0, atol=1e-4)
     assert tables[0].keys() == tables[1].keys()
     for name in tables[0]:
@@ -322,7 +332,7 @@ def test_clicks_tell_two_tastes_apart_and_follow_a_user_whose_taste_changed(batc
                               propensities=[e["propensity"] for e in part])
 
     def share_b(user: str) -> float:
-        return np.mean([item[0] == "b" for item, _ in model.recommend(user, k=5, exclude_seen=False)])
+        return np.mean([item[0] == "b" for item in top_items(model, user, k=5)])
 
     learn(warmup)
     assert share_b("target") <= 0.2
@@ -350,17 +360,16 @@ def test_propensities_become_clipped_self_normalised_weights():
 # ------------------------------------------------------------------ serving helpers
 
 
-def test_recommend_ranks_unseen_items_and_handles_unknown_users():
+def test_scores_rank_items_for_known_and_unknown_users():
+    """A user ranks an item it never rated among those it did; an unknown user ranks items by
+    their biases (the prior)."""
     model = OnlineMF(n_factors=4, device="cpu")
     users = ["u1"] * 3 + ["u2"] * 3 + ["u3"] * 3
     items = ["good", "bad", "meh"] * 3
     model.learn_batch(users, items, [5.0, 1.0, 3.0] * 3)
     model.learn_batch(["u4", "u4"], ["good", "hidden"], [5.0, 4.0])
-    assert [i for i, _ in model.recommend("u1", k=5)] == ["hidden"]
-    assert [i for i, _ in model.recommend("u1", k=2, exclude_seen=False)] == ["good", "hidden"]
-    ranked = model.recommend("stranger", k=4)
-    assert ranked[0][0] == "good" and ranked[-1][0] == "bad"
-    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    assert top_items(model, "u1", k=2) == ["good", "hidden"]
+    assert top_items(model, "stranger", k=4) == ["good", "hidden", "meh", "bad"]
 
 
 def test_export_rows_agree_with_predict():
@@ -373,7 +382,7 @@ def test_export_rows_agree_with_predict():
     u_rows, i_rows = model.export_rows(["u1", "u5"], None)
     assert u_rows.ids == ["u1", "u5"] and i_rows.ids == model.items.ids
     row = model.users.lookup(["u1"])[0]
-    assert np.abs(u_rows.vectors[0] - model._tables["user_factors"][row].numpy()).max() > 1e-3
+    assert np.abs(u_rows.vectors[0] - model.tables["user_factors"][row].numpy()).max() > 1e-3
     j = i_rows.ids.index(items[0])
     manual = (model.global_mean + u_rows.biases[0] + i_rows.biases[j]
               + u_rows.vectors[0] @ i_rows.vectors[j])
@@ -400,7 +409,7 @@ def test_checkpoint_round_trip_gives_identical_predictions_and_resumes_exactly(t
     for kind in ("rating", "click"):
         np.testing.assert_array_equal(loaded.predict(users, items, kind=kind),
                                       model.predict(users, items, kind=kind))
-    assert loaded.recommend("u3", k=5) == model.recommend("u3", k=5)
+    assert top_items(loaded, "u3", k=5) == top_items(model, "u3", k=5)
     np.testing.assert_array_equal(loaded.position_bias.examination(), model.position_bias.examination())
     # training on after the load matches training on without it, new ids included
     rest = (np.append(users[2_000:], "brand-new"), np.append(items[2_000:], "new-item"),
@@ -417,6 +426,38 @@ def test_load_refuses_tampered_weights(tmp_path):
     data[-1] ^= 0xFF  # flip one byte of the last tensor
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
+        OnlineMF.load(tmp_path / "m")
+
+
+def rewrite_saved(folder, change) -> None:
+    """Apply ``change(tensors, meta)`` to a saved model and record the new tensors' sha256."""
+    tensors = load_file(folder / "model.safetensors")
+    meta = json.loads((folder / "model.json").read_text())
+    change(tensors, meta)
+    save_file(tensors, folder / "model.safetensors")
+    meta["weights_sha256"] = sha256_file(folder / "model.safetensors")
+    (folder / "model.json").write_text(json.dumps(meta))
+
+
+def test_loads_format_2_whose_seen_pairs_it_no_longer_reads(tmp_path):
+    model = OnlineMF(n_factors=4, device="cpu")
+    model.learn_batch(["a", "b"], ["x", "y"], [4.0, 2.0])
+    model.save(tmp_path / "m")
+
+    def as_format_2(tensors, meta):
+        tensors["seen_pairs"] = torch.tensor([1, 4294967297], dtype=torch.int64)
+        meta["format_version"] = 2
+
+    rewrite_saved(tmp_path / "m", as_format_2)
+    loaded = OnlineMF.load(tmp_path / "m", device="cpu")
+    assert "seen_pairs" not in loaded.tables
+    np.testing.assert_array_equal(loaded.predict(["a", "b"], ["y", "x"]), model.predict(["a", "b"], ["y", "x"]))
+
+
+def test_load_refuses_an_unknown_format(tmp_path):
+    OnlineMF(n_factors=4, device="cpu").save(tmp_path / "m")
+    rewrite_saved(tmp_path / "m", lambda tensors, meta: meta.update(format_version=1))
+    with pytest.raises(ValueError, match="format_version"):
         OnlineMF.load(tmp_path / "m")
 
 

@@ -1,0 +1,19 @@
+"""The learner's Prometheus metrics, defined once here (names are a DESIGN.md "Metrics" contract).
+
+They live in the default registry that ``streamrec learner`` serves on its web port; a counter's
+exposed name gains ``_total`` (``streamrec_learner_examples_total``). Labels are low-cardinality by
+construction: example kinds and skip reasons, never user or item ids.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# DESIGN.md "Metrics", learner (contract), and SKIPPED: why an example was not trained on
+# (anomalous, unknown_kind, invalid, not_json)
+EXAMPLES_SEEN = Counter("streamrec_learner_examples", "Examples the learner trained on.", ["kind"])
+SKIPPED = Counter("streamrec_learner_skipped", "Examples the learner did not train on, by reason.", ["reason"])
+RMSE = Gauge("streamrec_prequential_rmse", "RMSE of the learner's predictions made before training "
+             "(sliding window; clicks: error of the click probability).", ["kind"])
+BATCH_SECONDS = Histogram("streamrec_learner_batch_seconds", "Wall time of one training micro-batch.",
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+PUBLISH_TS = Gauge("streamrec_model_publish_timestamp_seconds", "When the learner last published a delta.")
