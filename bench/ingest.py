@@ -40,9 +40,11 @@ from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
 from bench.common import StolenCpu, emit
+from stream.events import impression
+from stream.examples import NEGATIVE, click_examples
 from stream.topics import Topics
 from stream.tools.kafka_local import broker_for_run, free_port
-from stream.worker.metrics import scrape, total
+from stream.tools.scrape import scrape, total
 from stream.worker.output import BatchSender
 from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
@@ -92,10 +94,10 @@ def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], obj
     return asyncio.run(_raw_consume(bootstrap, topic, n, loads))
 
 
-# An example as the worker sends it (DESIGN.md "Examples"), ids as long as the synthetic ones.
-_EXAMPLE = {"user_id": "u000123", "item_id": "i00042", "label": 0.0, "position": 3, "propensity": 0.125,
-            "weight": 8.0, "model_version": "synthetic-v1", "request_id": "0" * 32, "ts": 1.7e9,
-            "kind": "click", "anomalous": False, "policy": "epsilon_greedy", "event_id": "0" * 32}
+# An example as the worker sends it (``stream.examples``), ids as long as the synthetic ones.
+_SHOWN = impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy",
+                    [{"item_id": "i00042", "position": 3, "propensity": 0.125}], ts=1.7e9, event_id="0" * 32)
+(_EXAMPLE,) = click_examples(_SHOWN, _SHOWN["items"], NEGATIVE, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
 
 
 async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:

@@ -34,8 +34,7 @@ import numpy as np
 from learner.updates import Delta, ModelRows, Snapshot
 from serving.index import IndexSettings, ItemIndex
 from serving.table import USER_CHUNK_ROWS, RowTable
-
-KINDS = ("rating", "click")
+from stream.examples import EXAMPLE_KINDS as KINDS
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

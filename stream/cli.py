@@ -48,7 +48,8 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
     settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
     settings.topic_prefix = args.topic_prefix
     for name in ("partitions", "batch_size", "batch_timeout_s", "log_flush_rows", "log_flush_interval_s",
-                 "dedupe_window_s", "attribution_window_s", "idle_grace_s", "detector_checkpoint_interval_s",
+                 "dedupe_window_s", "attribution_window_s", "idle_grace_s", "max_future_s",
+                 "detector_checkpoint_interval_s",
                  "web_port", "web_host"):
         value = getattr(args, name, None)
         if value is not None:
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-grace-s", type=float, default=None,
                    help=f"after this long without events, event time follows the wall clock so open slates "
                         f"still close (default {defaults.idle_grace_s:g})")
+    p.add_argument("--max-future-s", type=float, default=None,
+                   help=f"dead-letter an event whose ts is more than this many seconds ahead of the worker's "
+                        f"clock (reason ts_in_future; default {defaults.max_future_s:g})")
     p.add_argument("--detector-checkpoint-interval-s", type=float, default=None,
                    help=f"save the anomaly detector's state after a log write at most this often "
                         f"(default {defaults.detector_checkpoint_interval_s:g}; always at a clean stop)")

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stream.events import DEFAULT_MAX_FUTURE_S
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The datasets for tests, benchmarks and the demo live beside the checkout, never inside it.
 SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
@@ -44,6 +46,9 @@ class StreamSettings:
     dedupe_window_s: float = field(default_factory=lambda: env_float("DEDUPE_WINDOW_S", 3600.0))
     attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 30 * 60.0))
     idle_grace_s: float = field(default_factory=lambda: env_float("IDLE_GRACE_S", 2.0))
+    # An event whose ts is more than this many seconds ahead of the worker's clock is dead-lettered
+    # (reason ts_in_future): one such event would move the event-time watermark for good.
+    max_future_s: float = field(default_factory=lambda: env_float("MAX_FUTURE_S", DEFAULT_MAX_FUTURE_S))
     # A batch closes at batch_size events or batch_timeout_s seconds.
     batch_size: int = field(default_factory=lambda: env_int("BATCH_SIZE", 5000))
     batch_timeout_s: float = field(default_factory=lambda: env_float("BATCH_TIMEOUT_S", 1.0))

@@ -1,10 +1,11 @@
 """The producer SDK: validated events onto the ``events`` topic, keyed by user_id.
 
 ``EventProducer`` wraps kafka-python's ``KafkaProducer`` with the event contract: every event is
-validated and encoded (``stream.events.encode``) before anything touches the network, so an
-invalid event raises ``ValidationError`` naming its fields and nothing is sent. Keys are the
-user_id, so one user's events stay ordered in one partition. Writes use ``acks="all"`` with the
-idempotent producer, and small linger + large batches for throughput.
+validated and encoded (``stream.events.encode``, the validator the worker decodes with) before
+anything touches the network, so an invalid event raises ``ValidationError`` naming its fields
+and nothing is sent (a ``ts`` more than ``DEFAULT_MAX_FUTURE_S`` ahead of this machine's clock
+included). Keys are the user_id, so one user's events stay ordered in one partition. Writes use
+``acks="all"`` with the idempotent producer, and small linger + large batches for throughput.
 
 The Kafka client is created on the first send, so constructing (and validating with) an
 ``EventProducer`` needs no broker. Record timestamps are the send time, not the event's ``ts``:

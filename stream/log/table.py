@@ -4,7 +4,8 @@ Two datasets live under one root:
 
 - ``events``: every accepted event, one row per shown item for impressions, so each row says
   what was shown, at which position, with what probability, by which model version and policy;
-- ``examples``: the labelled rows the join produced (click label, position, propensity, weight).
+- ``examples``: the labelled rows the join produced (``stream.examples.Example``: label,
+  position, propensity, weight, ...).
 
 Files are written whole and atomically: a temporary file in the target folder, then a rename,
 so a reader (or a worker restarting after SIGKILL) never sees half a file. The two steps are
@@ -27,6 +28,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from stream.examples import EXAMPLE_FIELDS
 
 EVENTS = "events"
 EXAMPLES = "examples"
@@ -52,21 +55,24 @@ EVENTS_SCHEMA = pa.schema([
     ("source_offset", pa.int64()),
 ])
 
-EXAMPLES_SCHEMA = pa.schema([
-    ("user_id", pa.string()),
-    ("item_id", pa.string()),
-    ("label", pa.float64()),
-    ("position", pa.int32()),
-    ("propensity", pa.float64()),
-    ("weight", pa.float64()),
-    ("model_version", pa.string()),
-    ("request_id", pa.string()),
-    ("ts", pa.float64()),
-    ("kind", pa.string()),
-    ("anomalous", pa.bool_()),
-    ("policy", pa.string()),
-    ("event_id", pa.string()),
-])
+# The column type of each field of ``stream.examples.Example``: a field added there without a
+# type here fails at import.
+_EXAMPLE_COLUMN_TYPES = {
+    "user_id": pa.string(),
+    "item_id": pa.string(),
+    "label": pa.float64(),
+    "position": pa.int32(),
+    "propensity": pa.float64(),
+    "weight": pa.float64(),
+    "model_version": pa.string(),
+    "request_id": pa.string(),
+    "ts": pa.float64(),
+    "kind": pa.string(),
+    "anomalous": pa.bool_(),
+    "policy": pa.string(),
+    "event_id": pa.string(),
+}
+EXAMPLES_SCHEMA = pa.schema([(name, _EXAMPLE_COLUMN_TYPES[name]) for name in EXAMPLE_FIELDS])
 
 SCHEMAS = {EVENTS: EVENTS_SCHEMA, EXAMPLES: EXAMPLES_SCHEMA}
 # Parquet dictionary-encodes only the columns whose values repeat (ids of users and items, enums);

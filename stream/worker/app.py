@@ -229,6 +229,7 @@ def create_worker(
         attribution_window_s=settings.attribution_window_s,
         detector=detector,
         idle_grace_s=settings.idle_grace_s,
+        max_future_s=settings.max_future_s,
     )
     event_log = ParquetLog(settings.log_dir)
     stale = event_log.remove_temporary()

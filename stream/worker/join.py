@@ -7,6 +7,8 @@ negative. Position and propensity come from the impression, so every example say
 was shown and with what probability: what the learner and the evaluation need to correct for
 display bias.
 
+The examples themselves are built by ``stream.examples``, the contract's one definition.
+
 Event time drives the windows: the watermark is the newest event timestamp seen, so replayed
 history joins exactly as it did live. Clicks that cannot be joined are not examples:
 
@@ -22,16 +24,13 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from stream.examples import NEGATIVE, POSITIVE, Example, click_examples
+
 MATCHED = "matched"
 ORPHAN = "orphan_click"
 LATE = "late_click"
 NOT_SHOWN = "item_not_shown"
 DUPLICATE = "duplicate_click"
-
-
-def ips_weight(propensity: float, max_weight: float) -> float:
-    """Inverse propensity, clipped at ``max_weight`` to bound the variance."""
-    return min(1.0 / propensity, max_weight)
 
 
 @dataclass
@@ -85,7 +84,7 @@ class ImpressionJoiner:
         self._open[request_id] = _Slate(impression, items)
         heapq.heappush(self._deadlines, (impression["ts"] + self.window_s, request_id))
 
-    def on_click(self, click: dict) -> tuple[str, dict | None]:
+    def on_click(self, click: dict) -> tuple[str, Example | None]:
         """Join a click: (outcome, positive example or None)."""
         request_id = click["request_id"]
         slate = self._open.get(request_id)
@@ -99,10 +98,10 @@ class ImpressionJoiner:
         if click["item_id"] in slate.clicked:
             return DUPLICATE, None
         slate.clicked.add(click["item_id"])
-        (example,) = self._examples(slate.impression, [item], 1.0, click["ts"], click["event_id"])
+        (example,) = click_examples(slate.impression, [item], POSITIVE, click["ts"], click["event_id"], self.max_weight)
         return MATCHED, example
 
-    def advance(self, watermark: float) -> list[dict]:
+    def advance(self, watermark: float) -> list[Example]:
         """Move event time to ``watermark``; return the negatives of every slate whose window closed."""
         if watermark > self.watermark:
             self.watermark = watermark
@@ -113,7 +112,7 @@ class ImpressionJoiner:
             slate = self._open.pop(request_id)
             imp, clicked = slate.impression, slate.clicked
             unclicked = [item for item_id, item in slate.items.items() if item_id not in clicked]
-            negatives += self._examples(imp, unclicked, 0.0, imp["ts"], imp["event_id"])
+            negatives += click_examples(imp, unclicked, NEGATIVE, imp["ts"], imp["event_id"], self.max_weight)
             self._closed[request_id] = close_at
             heapq.heappush(self._closed_order, (close_at, request_id))
         self._forget_closed()
@@ -148,27 +147,3 @@ class ImpressionJoiner:
         while order and order[0][0] < horizon:
             _, request_id = heapq.heappop(order)
             self._closed.pop(request_id, None)
-
-    def _examples(self, imp: dict, items: list[dict], label: float, ts: float, event_id: str) -> list[dict]:
-        """One example per item of the slate ``imp`` (this loop runs once per shown item)."""
-        user_id, model_version, request_id, policy = (
-            imp["user_id"], imp["model_version"], imp["request_id"], imp["policy"])
-        max_weight = self.max_weight
-        return [
-            {
-                "user_id": user_id,
-                "item_id": item["item_id"],
-                "label": label,
-                "position": item["position"],
-                "propensity": item["propensity"],
-                "weight": ips_weight(item["propensity"], max_weight),
-                "model_version": model_version,
-                "request_id": request_id,
-                "ts": ts,
-                "kind": "click",
-                "anomalous": False,
-                "policy": policy,
-                "event_id": event_id,
-            }
-            for item in items
-        ]

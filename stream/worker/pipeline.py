@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -22,7 +22,8 @@ import pyarrow as pa
 from stream.worker import metrics
 from stream.worker.dedupe import DedupeWindow
 from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, ParquetLog, events_table
-from stream.events import InvalidEvent, decode
+from stream.events import DEFAULT_MAX_FUTURE_S, InvalidEvent, decode
+from stream.examples import Example, label_name, rating_example
 from stream.worker.join import MATCHED, ImpressionJoiner
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class BatchResult:
     """What one batch produced: rows to log, messages to send, counts for the logs."""
 
     log_table: pa.Table = field(default_factory=EVENTS_SCHEMA.empty_table)
-    examples: list[dict] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
     dlq: list[tuple[bytes | None, dict]] = field(default_factory=list)
     anomalies: list[dict] = field(default_factory=list)
     accepted: int = 0
@@ -85,25 +86,6 @@ def dlq_message(record: Record, error: InvalidEvent) -> dict:
     }
 
 
-def rating_example(event: dict) -> dict:
-    """A rating is an example as it stands: label = the rating, no position, propensity 1."""
-    return {
-        "user_id": event["user_id"],
-        "item_id": event["item_id"],
-        "label": float(event["value"]),
-        "position": None,
-        "propensity": 1.0,
-        "weight": 1.0,
-        "model_version": None,
-        "request_id": None,
-        "ts": float(event["ts"]),
-        "kind": "rating",
-        "anomalous": False,
-        "policy": None,
-        "event_id": event["event_id"],
-    }
-
-
 class IngestPipeline:
     """Validate, deduplicate, log, join and score one batch of raw events at a time.
 
@@ -115,6 +97,10 @@ class IngestPipeline:
             the last slates of a quiet stream still close.
         max_weight: clip of the inverse-propensity weight on click examples.
         anomaly_slice_s: the most event time one anomaly-scoring pass covers (see ``_detect``).
+        clock: seconds on a monotonic clock, read to measure how long the stream has been idle;
+            tests pass a fake one to move time by hand.
+        max_future_s: an event whose ts is more than this ahead of the wall clock is dead-lettered
+            as ``ts_in_future`` (it would move event time past the rest of the stream).
     """
 
     def __init__(
@@ -125,14 +111,18 @@ class IngestPipeline:
         idle_grace_s: float = 2.0,
         max_weight: float = 50.0,
         anomaly_slice_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_future_s: float = DEFAULT_MAX_FUTURE_S,
     ) -> None:
         self.dedupe = DedupeWindow(dedupe_window_s)
         self.joiner = ImpressionJoiner(attribution_window_s, max_weight)
         self.detector = detector
         self.idle_grace_s = idle_grace_s
         self.anomaly_slice_s = anomaly_slice_s
+        self.clock = clock
+        self.max_future_s = max_future_s
         self._last_event_ts = float("-inf")
-        self._last_batch_wall = time.monotonic()
+        self._last_batch_wall = clock()
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         out = BatchResult()
@@ -143,9 +133,10 @@ class IngestPipeline:
         dlq_reasons: Counter = Counter()
         types: Counter = Counter()
         dedupe_add, joiner = self.dedupe.add, self.joiner
+        now, max_future_s = time.time(), self.max_future_s  # the validating clock, read once a batch
         for record in records:
             try:
-                event = decode(record.value)
+                event = decode(record.value, now=now, max_future_s=max_future_s)
             except InvalidEvent as err:
                 out.dlq.append((record.key, dlq_message(record, err)))
                 dlq_reasons[err.reason] += 1
@@ -171,7 +162,7 @@ class IngestPipeline:
         if accepted:
             out.log_table = events_table(accepted, partitions, offsets)
             self._last_event_ts = max(self._last_event_ts, max(e["ts"] for e in accepted))
-            self._last_batch_wall = time.monotonic()
+            self._last_batch_wall = self.clock()
             examples.extend(joiner.advance(self._last_event_ts))
         if self.detector is not None and accepted:
             out.anomalies = self._detect(accepted)
@@ -206,13 +197,13 @@ class IngestPipeline:
     def tick(self) -> BatchResult:
         """Close slates by wall time when the stream has been idle for ``idle_grace_s``."""
         out = BatchResult()
-        idle = time.monotonic() - self._last_batch_wall
+        idle = self.clock() - self._last_batch_wall
         if len(self.joiner) and idle >= self.idle_grace_s and self._last_event_ts > float("-inf"):
             out.examples = self.joiner.advance(self._last_event_ts + idle)
             self._finish_examples(out.examples)
         return out
 
-    def _finish_examples(self, examples: list[dict]) -> None:
+    def _finish_examples(self, examples: list[Example]) -> None:
         """Mark the examples of users the detector flags as anomalous; count examples by label."""
         detector = self.detector
         if detector is not None:
@@ -230,7 +221,7 @@ class IngestPipeline:
                 metrics.SKIPPED_ANOMALOUS.inc(flagged)
         labels: Counter = Counter()
         for (kind, label), n in Counter(map(_KIND_AND_LABEL, examples)).items():  # counted in C
-            labels[kind, _label_name(kind, label > 0)] += n
+            labels[kind, label_name(kind, label)] += n
         _count(metrics.EXAMPLES, labels)
 
     def restore(self, log: ParquetLog) -> dict:
@@ -283,12 +274,6 @@ def _count(counter, counts: dict) -> None:
     """Add a batch's counts to a labelled counter: one call per label, not one per event."""
     for label, n in counts.items():
         counter.labels(*(label if isinstance(label, tuple) else (label,))).inc(n)
-
-
-def _label_name(kind: str, positive: bool) -> str:
-    if kind == "rating":
-        return "rating"
-    return "positive" if positive else "negative"
 
 
 def _events_since(rows: pd.DataFrame, impressions: dict[int, dict], since: float) -> list[dict]:

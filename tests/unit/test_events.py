@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from stream import events
+from stream.events import codec, validation
 from stream.events import (
+    DEFAULT_MAX_FUTURE_S,
     MAX_EVENT_BYTES,
     REASONS,
     InvalidEvent,
@@ -20,6 +22,10 @@ from stream.events import (
     encode,
     validate,
 )
+
+
+# The validating clock of the tests that pin it: later than every fixture's ts.
+NOW = 1.8e9
 
 
 def make_impression(n_items: int = 3) -> dict:
@@ -269,9 +275,9 @@ def test_decode_rejects_an_unpaired_surrogate_but_accepts_an_escaped_pair() -> N
 
 
 def test_every_reason_is_in_the_fixed_set() -> None:
-    assert len(set(REASONS)) == 9
+    assert len(set(REASONS)) == 10
     seen = {"too_large", "not_utf8", "not_json", "not_object", "unknown_type", "unsupported_schema_version"}
-    seen |= {"missing_field", "wrong_type", "invalid_value"}
+    seen |= {"missing_field", "wrong_type", "invalid_value", "ts_in_future"}
     assert seen == set(REASONS)
 
 
@@ -316,13 +322,95 @@ def test_subclasses_of_builtin_types_are_accepted() -> None:
     assert problems_of(with_(make_rating(), "value", np.int64(4))) == [("value", "wrong_type")]  # not JSON
 
 
+# -- hardening (issue 19): timestamps from the future, non-finite numbers anywhere --------------
+
+
+@pytest.mark.hardening
+@pytest.mark.parametrize("make", [make_impression, make_click, make_rating])
+def test_a_ts_beyond_the_tolerance_ahead_of_the_clock_is_ts_in_future(make) -> None:
+    at_limit = with_(make(), "ts", NOW + DEFAULT_MAX_FUTURE_S)
+    beyond = with_(make(), "ts", NOW + DEFAULT_MAX_FUTURE_S + 1.0)
+    assert validate(at_limit, now=NOW) == []
+    assert decode(encode(at_limit, now=NOW), now=NOW) == at_limit
+    assert [(p.path, p.reason) for p in validate(beyond, now=NOW)] == [("ts", "ts_in_future")]
+    with pytest.raises(InvalidEvent) as err:
+        decode(json.dumps(beyond).encode(), now=NOW)
+    assert err.value.reason == "ts_in_future" and err.value.detail.startswith("ts: ")
+    with pytest.raises(ValidationError) as err:
+        encode(beyond, now=NOW)
+    assert err.value.problems[0].reason == "ts_in_future"
+    assert validate(beyond, now=NOW, max_future_s=3600.0) == []  # the tolerance is the caller's setting
+
+
+@pytest.mark.hardening
+def test_by_default_the_year_5107_is_refused_and_old_data_is_not() -> None:
+    future = with_(make_impression(), "ts", 9.9e10)  # the event that disabled dedupe (issue 19)
+    with pytest.raises(InvalidEvent) as err:
+        decode(json.dumps(future).encode())
+    assert err.value.reason == "ts_in_future"
+    assert problems_of(future) == [("ts", "ts_in_future")]
+    for ts in (0, 0.0, 874_965_758.0, 1.7e9):  # the epoch, MovieLens 1997, 2023
+        event = with_(make_rating(), "ts", ts)
+        assert validate(event) == []
+        assert decode(encode(event)) == event
+
+
+@pytest.mark.hardening
+def test_the_future_rule_comes_after_the_range_rule_and_names_every_other_problem() -> None:
+    assert problems_of(with_(make_rating(), "ts", 1.7e12)) == [("ts", "invalid_value")]  # milliseconds
+    event = with_(with_(make_click(), "ts", NOW + 1e6), "item_id", "")
+    assert [(p.path, p.reason) for p in validate(event, now=NOW)] == [("ts", "ts_in_future"), ("item_id", "invalid_value")]
+
+
+@pytest.mark.hardening
+@pytest.mark.parametrize(
+    ("make", "json_text", "path"),
+    [
+        (make_impression, '"context": {"x": 1e400}', "context.x"),
+        (make_impression, '"context": {"a": [1, {"b": -1e999}]}', "context.a[1].b"),
+        (make_impression, '"context": {"n": 1' + "0" * 400 + ".0}", "context.n"),
+        (make_impression, '"context": {"n": 1' + "0" * 400 + "}", "context.n"),  # an int no float can hold
+        (make_rating, '"note": 1e400', "note"),
+        (make_click, '"extra": [[1e400]]', "extra[0][0]"),
+    ],
+)
+def test_a_number_beyond_a_double_anywhere_is_invalid_value_with_its_path(make, json_text: str, path: str) -> None:
+    event = make()
+    event.pop("context", None)
+    raw = json.dumps(event)[:-1] + ", " + json_text + "}"
+    with pytest.raises(InvalidEvent) as err:
+        decode(raw.encode())
+    assert err.value.reason == "invalid_value"
+    assert [(p.path, p.reason) for p in err.value.problems] == [(path, "invalid_value")]
+    assert err.value.detail.startswith(f"{path}: must be a finite number")
+
+
+@pytest.mark.hardening
+def test_a_non_finite_number_in_an_unknown_item_field_is_invalid_value() -> None:
+    raw = json.dumps(make_impression()).replace('"score": 0.25}', '"score": 0.25, "extra": {"w": 1e400}}', 1)
+    with pytest.raises(InvalidEvent) as err:
+        decode(raw.encode())
+    assert [(p.path, p.reason) for p in err.value.problems] == [("items[0].extra.w", "invalid_value")]
+
+
+@pytest.mark.hardening
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**400])
+def test_encode_names_the_non_finite_number_in_context(value: float) -> None:
+    event = make_impression()
+    event["context"] = {"device": "ios", "geo": [0.5, {"lat": value}]}
+    assert problems_of(event) == [("context.geo[1].lat", "invalid_value")]
+    with pytest.raises(ValidationError) as err:
+        encode(event)
+    assert [(p.path, p.reason) for p in err.value.problems] == [("context.geo[1].lat", "invalid_value")]
+
+
 def test_validate_rejects_non_objects() -> None:
     assert problems_of([make_rating()]) == [("", "not_object")]  # type: ignore[arg-type]
 
 
 def test_committed_schema_file_is_in_sync() -> None:
     assert events.SCHEMA_PATH.read_text(encoding="utf-8") == events.schema_text(), (
-        "stream/event.schema.json is stale: run `python -m stream.events --write-schema`"
+        "stream/events/event.schema.json is stale: run `python -m stream.events --write-schema`"
     )
 
 
@@ -341,7 +429,24 @@ def test_json_schema_mirrors_the_contract() -> None:
 
 # Values that each field kind may meet: valid and invalid, of every JSON type.
 _MUTATIONS = [DELETE, None, True, False, 0, 1, 2, -1, 1001, 0.5, 1.0, 2.0, 1e300, float("nan"), float("inf"),
-              "", "x", "x" * 257, "impression", "click", "rating", "uniform", [], [1], {}, {"a": 1}]
+              NOW + 3600.0, 10**400, "", "x", "x" * 257, "impression", "click", "rating", "uniform", [], [1], {},
+              {"a": 1}, {"a": [1.5, float("inf")]}, [{"b": float("nan")}]]
+
+
+def make_rating_with_unknown_field() -> dict:
+    return with_(make_rating(), "note", {"n": [1.5]})
+
+
+def make_impression_with_unknown_item_field() -> dict:
+    return with_(make_impression(), "items.1.extra", {"n": 2})
+
+
+def make_click_with_unknown_items() -> dict:
+    return with_(make_click(), "items", [{"x": 0.5}])  # only an impression's items are a slate
+
+
+_MAKERS = (make_impression, make_click, make_rating, make_rating_with_unknown_field,
+           make_impression_with_unknown_item_field, make_click_with_unknown_items)
 
 
 def _paths(event: dict) -> list[str]:
@@ -356,13 +461,14 @@ def test_fast_path_agrees_with_the_detailed_validator() -> None:
     """``_is_valid`` must accept exactly what ``_explain`` finds no problem with (plain JSON types)."""
     rng = random.Random(7)
     cases = 0
-    for make in (make_impression, make_click, make_rating):
+    for make in _MAKERS:
         base = make()
         for path in _paths(base):
             for value in _MUTATIONS:
                 event = with_(base, path, value)
                 for _ in range(3):  # and a second, random mutation on top
-                    assert events._is_valid(event) == (events._explain(event) == []), (path, value, event)
+                    fast = validation._is_valid(event, NOW + DEFAULT_MAX_FUTURE_S)
+                    assert fast == (validation._explain(event, NOW, DEFAULT_MAX_FUTURE_S) == []), (path, value, event)
                     cases += 1
                     paths = _paths(event)
                     event = with_(event, rng.choice(paths), rng.choice(_MUTATIONS)) if paths else event
@@ -383,7 +489,7 @@ def test_decode_fast_path_agrees_with_the_standard_library_on_raw_bytes() -> Non
     rng = random.Random(11)
     raws = [b'{"ts": 1e400}', b'{"schema_version": 100000000000000000000000}',
             b'{"a": "\\ud800"}', b'{"a": "\\ud83d\\ude00"}', b"\xef\xbb\xbf{}", b'{"ts": NaN}', b"  {} "]
-    for make in (make_impression, make_click, make_rating):
+    for make in _MAKERS:
         base = make()
         raws.append(json.dumps(base).encode())
         for path in _paths(base):
@@ -396,9 +502,12 @@ def test_decode_fast_path_agrees_with_the_standard_library_on_raw_bytes() -> Non
         for field_name in ("event_id", "user_id"):
             for text in ('"\\ud800"', '"\\udc00x"', "1" + "0" * 400, "1e999", '"\\u00e9"'):
                 raws.append(json.dumps(base).replace(json.dumps(base[field_name]), text, 1).encode())
+        for text in ("1e400", "-1e999", "1" + "0" * 400, "1" + "0" * 400 + ".5", "18446744073709551616", "1e-400"):
+            raws.append(json.dumps(base | {"extra": {"a": [0]}}).replace("[0]", f"[{text}]").encode())
     accepted = 0
     for raw in raws:
-        fast, slow = _outcome(decode, raw), _outcome(events._decode_slow, raw)
+        fast = _outcome(lambda r: decode(r, now=NOW), raw)
+        slow = _outcome(lambda r: codec._decode_slow(r, NOW, DEFAULT_MAX_FUTURE_S), raw)
         assert fast == slow, raw
         accepted += fast[0] == "ok"
     assert accepted >= 3 and len(raws) - accepted > 1000
@@ -424,11 +533,11 @@ def test_encode_fast_path_agrees_with_the_standard_library() -> None:
         problems = validate(event)
         if problems:
             raise ValidationError(problems)
-        return events._encode_strict(event)
+        return codec._encode_strict(event)
 
     rng = random.Random(5)
     cases = []
-    for make in (make_impression, make_click, make_rating):
+    for make in _MAKERS:
         base = make()
         base.pop("context", None)
         cases.append(base)
@@ -450,5 +559,5 @@ def test_encode_fast_path_agrees_with_the_standard_library() -> None:
     for event in cases:
         outcome = _encoded(encode, event)
         assert outcome == _encoded(strict, event), event
-        fast_taken += outcome[0] == "ok" and events._holds_only_contract_fields(event)
+        fast_taken += outcome[0] == "ok" and validation.holds_only_table_fields(event)
     assert fast_taken >= 50

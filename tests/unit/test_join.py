@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from stream.examples import ips_weight
 from stream.worker.join import (
     DUPLICATE,
     LATE,
@@ -12,7 +13,6 @@ from stream.worker.join import (
     NOT_SHOWN,
     ORPHAN,
     ImpressionJoiner,
-    ips_weight,
 )
 
 T = 1_700_000_000.0

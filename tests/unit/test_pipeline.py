@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-import time as real_time
+import time
 
 import pytest
 from prometheus_client import REGISTRY
 
-from stream.worker import pipeline as pipeline_mod
 from stream.log.table import EVENTS, EXAMPLES, ParquetLog
 from stream.worker.pipeline import IngestPipeline, Record
 
@@ -60,24 +59,19 @@ def sample(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-class FakeTime:
-    """Stands in for the ``time`` module inside stream.worker.pipeline: a monotonic clock moved by hand."""
+class FakeClock:
+    """A monotonic clock moved by hand, given to the pipeline as ``IngestPipeline(clock=...)``."""
 
     def __init__(self) -> None:
         self.now = 1000.0
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
-
-    def time(self) -> float:
-        return real_time.time()
 
 
 @pytest.fixture
-def clock(monkeypatch) -> FakeTime:
-    fake = FakeTime()
-    monkeypatch.setattr(pipeline_mod, "time", fake)
-    return fake
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 class FakeDetector:
@@ -130,7 +124,7 @@ BAD_INPUTS = {
 }
 
 
-def test_every_dlq_reason_in_a_mixed_batch(clock):
+def test_every_dlq_reason_in_a_mixed_batch():
     """Each bad message is dead-lettered with its reason, detail, exact raw bytes and source; the good ones around them are accepted."""
     good = [raw(GOOD_IMP), raw(clk("g2", "r1", "b", T + 1)), raw(rat("g3", "z", 3.5, T + 2))]
     values, reasons = [good[0]], []
@@ -276,7 +270,7 @@ def test_example_metric_labels():
 
 def test_tick_closes_slates_after_idle_grace(clock):
     """With no events for idle_grace_s, event time follows the wall clock and due slates close."""
-    p = IngestPipeline(attribution_window_s=60, idle_grace_s=5)
+    p = IngestPipeline(attribution_window_s=60, idle_grace_s=5, clock=clock)
     p.process(records(imp("i1", "r1", T, [("a", 0.5), ("b", 0.25)]), clk("c1", "r1", "a", T + 1)))
     clock.now += 4.9
     assert p.tick().examples == []            # still inside the grace period
@@ -291,7 +285,7 @@ def test_tick_closes_slates_after_idle_grace(clock):
 
 def test_tick_waits_for_idle_grace_even_when_window_passed(clock):
     """Before idle_grace_s of quiet, tick closes nothing even if the idle time alone would pass the window."""
-    p = IngestPipeline(attribution_window_s=1, idle_grace_s=5)
+    p = IngestPipeline(attribution_window_s=1, idle_grace_s=5, clock=clock)
     p.process(records(imp("i1", "r1", T, [("a", 0.5)])))
     clock.now += 4.9                          # watermark would be T + 4.9 > T + 1
     assert p.tick().examples == []
@@ -302,7 +296,7 @@ def test_tick_waits_for_idle_grace_even_when_window_passed(clock):
 
 def test_tick_does_not_close_before_window(clock):
     """Idle time that keeps the watermark at or before ts + window closes nothing."""
-    p = IngestPipeline(attribution_window_s=60, idle_grace_s=1)
+    p = IngestPipeline(attribution_window_s=60, idle_grace_s=1, clock=clock)
     p.process(records(imp("i1", "r1", T, [("a", 0.5)])))
     clock.now += 60.0                         # watermark T + 60: on the deadline, still open
     assert p.tick().examples == []
@@ -313,7 +307,7 @@ def test_tick_does_not_close_before_window(clock):
 
 def test_tick_without_events_does_nothing(clock):
     """tick() before any event (or with no open slate) returns nothing."""
-    p = IngestPipeline(idle_grace_s=0.0)
+    p = IngestPipeline(idle_grace_s=0.0, clock=clock)
     clock.now += 10_000
     assert p.tick().examples == []
     p.process(records(rat("x", "z", 1.0, T)))
@@ -322,10 +316,10 @@ def test_tick_without_events_does_nothing(clock):
 
 
 def test_tick_with_real_clock():
-    """With a tiny idle_grace_s and a short real sleep, tick closes a slate whose window has passed in wall time."""
+    """The default clock is the real one: after a short real sleep, tick closes a slate whose window has passed."""
     p = IngestPipeline(attribution_window_s=0.05, idle_grace_s=0.01)
     p.process(records(imp("i1", "r1", T, [("a", 0.5)])))
-    real_time.sleep(0.2)
+    time.sleep(0.2)
     assert summary(p.tick().examples) == [("click", "r1", "a", 0.0)]
 
 
@@ -335,7 +329,7 @@ def test_tick_with_real_clock():
 def test_examples_of_flagged_users_are_marked_anomalous(clock):
     """The detector sees every accepted event; examples (positives, negatives, ratings, tick negatives) of flagged users are anomalous."""
     det = FakeDetector({"bad"})
-    p = IngestPipeline(attribution_window_s=60, detector=det, idle_grace_s=1)
+    p = IngestPipeline(attribution_window_s=60, detector=det, idle_grace_s=1, clock=clock)
     flagged_before = sample("streamrec_examples_flagged_anomalous_total")
     result = p.process(records(
         imp("i1", "r1", T, [("a", 0.5), ("b", 0.5)], user_id="bad"),
@@ -440,7 +434,7 @@ def test_restore_then_tick_closes_slates(tmp_path, clock):
     """A restored pipeline that sees no new events still closes the restored slate by idle time."""
     log = ParquetLog(tmp_path)
     first_run(log)
-    p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800, idle_grace_s=1)
+    p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800, idle_grace_s=1, clock=clock)
     p2.restore(log)
     clock.now += 1790.0           # watermark T + 20 + 1790 = T + 1810 > T + 1800
     assert summary(p2.tick().examples) == [("click", "r1", "a", 0.0), ("click", "r1", "c", 0.0)]
@@ -449,7 +443,7 @@ def test_restore_then_tick_closes_slates(tmp_path, clock):
 def test_restore_does_not_reemit_negatives_of_slates_closed_by_tick(tmp_path, clock):
     """A slate closed by tick() before the restart (its negatives logged) is not reopened: no duplicate negatives."""
     log = ParquetLog(tmp_path)
-    p1 = IngestPipeline(attribution_window_s=60, idle_grace_s=1)
+    p1 = IngestPipeline(attribution_window_s=60, idle_grace_s=1, clock=clock)
     write_result(log, p1.process(records(imp("i1", "r1", T, [("a", 0.5), ("b", 0.5)]))))
     clock.now += 100
     closed = p1.tick()

@@ -23,3 +23,12 @@ def test_a_flag_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert (_settings().idle_grace_s, _settings().detector_checkpoint_interval_s) == (9.0, 30.0)
     assert _settings("--idle-grace-s", "1").idle_grace_s == 1.0
     assert _settings("--detector-checkpoint-interval-s", "5").detector_checkpoint_interval_s == 5.0
+
+
+@pytest.mark.hardening
+def test_the_future_tolerance_is_a_setting_with_a_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How far ahead of the worker's clock an event's ts may lie before it is dead-lettered (ts_in_future)."""
+    assert _settings().max_future_s == 300.0
+    monkeypatch.setenv("STREAMREC_MAX_FUTURE_S", "60")
+    assert _settings().max_future_s == 60.0
+    assert _settings("--max-future-s", "5").max_future_s == 5.0

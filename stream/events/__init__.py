@@ -1,0 +1,47 @@
+"""The event contract (DESIGN.md "Events"): one definition, one validator, JSON Schema, codec, builders.
+
+Every event on the ``events`` topic is a UTF-8 JSON object of at most 64 KiB. The package's
+modules, one job each:
+
+- ``schema``: the constants, the DLQ reason codes and the field tables, the single definition of
+  the contract, rendered as JSON Schema in ``event.schema.json`` (``python -m stream.events
+  --write-schema``);
+- ``validation``: ``validate``, a fast path for valid events and a detailed one that names every
+  problem with its field path and reason;
+- ``codec``: ``decode`` (the worker, every message) and ``encode`` (the producer SDK, every send);
+- ``builders``: ``impression``, ``click``, ``rating`` with the envelope filled in.
+
+Unknown top-level and item fields are allowed and ignored (forward compatibility); an unknown
+``type`` or ``schema_version`` is rejected, because its rules are not known here.
+
+>>> from stream import events as ev
+>>> raw = ev.encode(ev.rating("u1", "i1", 4.0, ts=0.0, event_id="e1"))
+>>> ev.decode(raw)["value"]
+4.0
+"""
+from stream.events.builders import click, impression, new_event_id, rating
+from stream.events.codec import decode, encode
+from stream.events.errors import InvalidEvent, Problem, ValidationError
+from stream.events.schema import (
+    DEFAULT_MAX_FUTURE_S,
+    EVENT_TYPES,
+    MAX_EVENT_BYTES,
+    MAX_ID_CHARS,
+    MAX_POSITION,
+    MAX_SLATE,
+    MAX_TS,
+    POLICIES,
+    REASONS,
+    SCHEMA_PATH,
+    SCHEMA_VERSION,
+    json_schema,
+    schema_text,
+)
+from stream.events.validation import validate
+
+__all__ = [
+    "DEFAULT_MAX_FUTURE_S", "EVENT_TYPES", "MAX_EVENT_BYTES", "MAX_ID_CHARS", "MAX_POSITION", "MAX_SLATE",
+    "MAX_TS", "POLICIES", "REASONS", "SCHEMA_PATH", "SCHEMA_VERSION",
+    "InvalidEvent", "Problem", "ValidationError",
+    "click", "decode", "encode", "impression", "json_schema", "new_event_id", "rating", "schema_text", "validate",
+]

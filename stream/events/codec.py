@@ -1,0 +1,131 @@
+"""Bytes to events and back: ``decode`` for the worker (every Kafka message), ``encode`` for the SDK.
+
+Both validate with ``validation`` and both have a fast path for the common, valid event (orjson)
+and a strict path through the standard library that decides every other case, so that a dead
+letter's reason never depends on which parser saw the message first. ``decode`` turns the first
+problem's reason into the DLQ reason (``streamrec_dlq_total{reason}``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import orjson
+
+from stream.events.errors import InvalidEvent, Problem, ValidationError
+from stream.events.schema import DEFAULT_MAX_FUTURE_S, MAX_EVENT_BYTES
+from stream.events.validation import (
+    _explain,
+    _fields_valid,
+    _finite_outside_tables,
+    holds_only_table_fields,
+    validate,
+)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
+def decode(raw: bytes | None, *, now: float | None = None, max_future_s: float = DEFAULT_MAX_FUTURE_S) -> dict:
+    """Parse and validate one Kafka message value; raises ``InvalidEvent`` with its DLQ reason.
+
+    ``now`` and ``max_future_s`` are the validating clock and tolerance of ``validate``; the worker
+    reads its clock once per batch and passes it.
+
+    The common case, a valid event, takes the fast path: orjson parses the bytes (UTF-8 checked;
+    NaN, Infinity, numbers beyond a double and unpaired surrogates refused) and ``_fields_valid``
+    accepts the result. Anything else is parsed again by the standard library and explained.
+    """
+    if raw is None:
+        raise InvalidEvent("not_json", "the message has no value")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent("too_large", f"{len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
+    if now is None:
+        now = time.time()
+    try:
+        event = orjson.loads(raw)
+    except ValueError:  # orjson.JSONDecodeError: the exact reason comes from the slow path
+        pass
+    else:
+        if _fields_valid(event, now + max_future_s):  # what orjson returns holds only finite numbers
+            return event
+    return _decode_slow(raw, now, max_future_s)
+
+
+def _decode_slow(raw: bytes, now: float, max_future_s: float) -> dict:
+    """The authoritative decode: the standard library's parser, then every rule with its reason."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidEvent("not_utf8", str(err)) from None
+    try:
+        event = _decode_json(text)
+    except (ValueError, RecursionError) as err:
+        raise InvalidEvent("not_json", str(err)) from None
+    problems = validate(event, now=now, max_future_s=max_future_s)
+    if not problems and "\\u" in text and _has_lone_surrogate(event):
+        problems = [Problem("", "invalid_value", "a string holds an unpaired \\u surrogate escape (not Unicode)")]
+    if problems:
+        raise InvalidEvent(problems[0].reason, "; ".join(p.message for p in problems), problems)
+    return event
+
+
+def _has_lone_surrogate(event: dict) -> bool:
+    """JSON may escape half a UTF-16 pair ("\\ud800"); such a string cannot be written as UTF-8."""
+    try:
+        json.dumps(event, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def encode(event: dict, *, now: float | None = None, max_future_s: float = DEFAULT_MAX_FUTURE_S) -> bytes:
+    """Validate ``event`` and serialise it as compact UTF-8 JSON; raises ``ValidationError``.
+
+    ``now`` and ``max_future_s`` are the validating clock and tolerance of ``validate``.
+
+    An event whose table fields are valid and that holds nothing else is valid, and every value
+    in it has been checked (strings, finite numbers, lists and dicts of them): orjson writes it
+    exactly as the standard library would, several times faster, and the producer SDK encodes
+    every event it sends. Anything else (``context``, unknown fields) is validated in full and may
+    hold values the two libraries treat differently (orjson serialises datetimes), so it takes the
+    standard library's strict path.
+    """
+    if now is None:
+        now = time.time()
+    if not _fields_valid(event, now + max_future_s):
+        problems = _explain(event, now, max_future_s)  # empty for valid subclasses of str, float, ...
+        if problems:
+            raise ValidationError(problems)
+        raw = _encode_strict(event)
+    elif holds_only_table_fields(event):
+        raw = _encode_fast(event) or _encode_strict(event)
+    elif _finite_outside_tables(event):
+        raw = _encode_strict(event)
+    else:
+        raise ValidationError(_explain(event, now, max_future_s))
+    if len(raw) > MAX_EVENT_BYTES:
+        raise ValidationError([Problem("", "too_large", f"{len(raw)} bytes encoded, at most {MAX_EVENT_BYTES} allowed")])
+    return raw
+
+
+def _encode_fast(event: dict) -> bytes | None:
+    """orjson's encoding of a valid event that holds only table fields; None where it refuses."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:  # a subclass of float, an int beyond 64 bits: the strict path decides
+        return None
+
+
+def _encode_strict(event: dict) -> bytes:
+    try:
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except TypeError as err:  # a value JSON cannot hold, e.g. a datetime inside ``context``
+        raise ValidationError([Problem("", "wrong_type", f"not JSON-serialisable: {err}")]) from None
+    except ValueError as err:  # an unpaired surrogate (non-finite numbers are refused by ``validate``)
+        raise ValidationError([Problem("", "invalid_value", f"not valid JSON text: {err}")]) from None
