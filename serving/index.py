@@ -1,9 +1,8 @@
 r"""Approximate retrieval for large catalogues: an inverted-file (IVF) index with exact re-ranking.
 
-Scoring every item for every request is a pass over the whole item matrix: at 100,000 items x
-66 columns about 3 ms for one user on this project's 2-core machines, and still about 1 ms per
-user when sixteen are multiplied together, which alone exceeds a 20 ms p99 under 16 concurrent
-clients. The index cuts that pass to a few percent of the catalogue:
+Scoring every item for every request is a pass over the whole item matrix, which at 100,000
+items alone exceeds a 20 ms p99 under 16 concurrent clients. The index cuts that pass to a few
+percent of the catalogue:
 
 * **Build** (off the request path: when a snapshot loads, and again in the background when the
   index has gone stale). k-means (Lloyd, numpy only) on a sample of the packed item rows
@@ -18,13 +17,10 @@ clients. The index cuts that pass to a few percent of the catalogue:
   scored **exactly** (a float32 dot product with its row, as the exact path computes, up to the
   order of the sums). One compiled pass (numba) walks the probed clusters' blocks and the fresh
   rows and returns every candidate's row and score, with no Python call, product or array per
-  cluster (per-cluster BLAS products and their concatenation spent about a third of a search
-  there). Within a block each column is one multiply-add over contiguous memory for all its
-  rows, which vectorises fully; row-by-row dot products over row-major 66-float rows, with a
-  horizontal sum per row, measured ~20 % slower here, no faster than the BLAS products. So the
-  scores and the order among candidates are exact; what is approximate is which items are
-  candidates at all. The replica's ``recall@10`` against exhaustive scoring is measured by
-  ``bench.serving``.
+  cluster. Within a block each column is one multiply-add over contiguous memory for all its
+  rows, which vectorises fully. So the scores and the order among candidates are exact; what is
+  approximate is which items are candidates at all. The replica's ``recall@10`` against
+  exhaustive scoring is measured by ``bench.serving``.
 * **Deltas.** A version's index is immutable and shared, like the row tables. An item that a
   delta changes or adds leaves its cluster and joins the *fresh* set, which every search scores
   in full, so a delta's effect is visible in the very next request, whatever the item's new
@@ -36,7 +32,9 @@ clients. The index cuts that pass to a few percent of the catalogue:
   row of the then-current version assigned.
 
 The exact mode (``IndexSettings(mode="exact")``, or a catalogue below ``min_items``) builds no
-index: every item is scored, as before.
+index: every item is scored.
+
+Measurements behind this design (exact scoring's cost, the scoring layouts tried): docs/serving.md.
 """
 from __future__ import annotations
 

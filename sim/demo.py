@@ -25,7 +25,7 @@ from stream.config import PROJECT_ROOT, SHARED_DATA
 from stream.topics import Topics
 from stream.log.table import EVENTS, EXAMPLES, ParquetLog
 from stream.log.export import export_obp
-from stream.worker.metrics import scrape, total
+from stream.tools.scrape import scrape, total
 from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
 from sim.report import write_report

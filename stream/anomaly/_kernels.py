@@ -2,15 +2,14 @@
 
 Why compiled: scoring and updating a point walks one root-to-leaf path per tree (depth ~12 for
 256 points), a chain of dependent branches that vectorises poorly across trees (every tree takes
-its own path) but compiles to tight loops: with 50 trees, interpreted ``rrcf`` managed ~25-40
-points per second on the 2-core development machine, this ~15,000-28,000.
+its own path) but compiles to tight loops.
 Why one tree per outer iteration: the trees are independent (each has its own sampler and random
 stream), so a batch of points runs tree by tree, which keeps a tree's arrays hot in cache, needs
 one call per batch, and makes the result independent of the order in which the trees run.
-Why single-threaded: running the trees in parallel (numba ``prange``) gave no measurable gain on
-the 2-core shared machine, and stream workers scale out as processes (one per partition set), so
-a thread pool per worker would only oversubscribe the cores. ``error_model="numpy"`` drops
-numba's zero-division checks from the loops (no division here can be by zero; ~4% faster).
+Why single-threaded: stream workers scale out as processes (one per partition set), so a thread
+pool per worker would only oversubscribe the cores. ``error_model="numpy"`` drops numba's
+zero-division checks from the loops (no division here can be by zero).
+Measurements behind these choices: docs/anomaly.md.
 
 State of a forest of ``T`` trees with sample size ``S`` in ``D`` dimensions (one row per tree):
 

@@ -1,8 +1,8 @@
 """Streaming Random Cut Forest: anomaly scores for a scalar or vector stream, point by point.
 
-The stream worker scores every entity's window features with it (``stream/anomaly.py``) and the
-benchmark ``bench/rcf.py`` runs it on NAB. The compiled tree operations live in
-``learner/_rcf_kernels.py``; this module holds the public class: input checks, shingling,
+The stream worker scores every entity's window features with it (``stream.anomaly.detector``)
+and the benchmark ``bench/rcf.py`` runs it on NAB. The compiled tree operations live in
+``stream/anomaly/_kernels.py``; this module holds the public class: input checks, shingling,
 batching and persistence (``.npz`` without pickle).
 """
 from __future__ import annotations
@@ -82,6 +82,15 @@ class RandomCutForest:
     seed
         Seed of the trees' random streams.
 
+    Attributes
+    ----------
+    dim
+        Dimension of the inputs, fixed by the first input (``None`` before).
+    n_points
+        Full shingles offered to the sampler so far.
+
+    Measurements behind the defaults: docs/anomaly.md.
+
     Examples
     --------
     >>> import numpy as np
@@ -93,6 +102,14 @@ class RandomCutForest:
     >>> scores = forest.score_update(series)
     >>> 2500 <= int(np.argmax(scores[1000:])) + 1000 < 2504
     True
+
+    References
+    ----------
+    Guha, S., Mishra, N., Roy, G., Schrijvers, O. (2016). Robust Random Cut Forest Based Anomaly
+    Detection on Streams. ICML 2016, PMLR 48:2712-2721.
+    AWS, randomcutforest-by-aws (sampler, defaults): https://github.com/aws/random-cut-forest-by-aws
+    Bartos, M., Mullapudi, A., Troutman, S. (2019). rrcf: Implementation of the Robust Random Cut
+    Forest algorithm for anomaly detection on streams. JOSS 4(35), 1336.
     """
 
     def __init__(self, num_trees: int = 50, sample_size: int = 256, shingle_size: int = 1,

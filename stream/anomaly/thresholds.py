@@ -20,9 +20,8 @@ class AdaptiveThreshold:
 
     The statistics are kept on y = log(1 + score) when ``log_scale`` (the default), y = score
     otherwise: displacement scores are ratios of masses with a long right tail, and on the log
-    scale their spread is close to symmetric, so one z fits streams of any scale (on pure noise,
-    z = 3 flags about 0.1% of points, as for a Gaussian). With m and sd the weighted mean and
-    standard deviation of y over the scores before s_t:
+    scale their spread is close to symmetric, so one z fits streams of any scale. With m and sd
+    the weighted mean and standard deviation of y over the scores before s_t:
 
         threshold_t = max(y^-1(m + z * sd), min_threshold)
         grade_t     = 0                                                 if s_t <= threshold_t
@@ -47,6 +46,17 @@ class AdaptiveThreshold:
     min_threshold
         Floor of the threshold in score units, for streams whose scores barely vary.
 
+    Attributes
+    ----------
+    n
+        Number of scores learned so far.
+    mean, var
+        Weighted mean and variance of y over the scores learned so far.
+    threshold
+        The score above which the next score raises an alarm (inf during the warm-up).
+
+    Measurements behind the defaults: docs/anomaly.md.
+
     Examples
     --------
     >>> import numpy as np
@@ -56,6 +66,13 @@ class AdaptiveThreshold:
     >>> grades = AdaptiveThreshold().update(scores)
     >>> float(grades[1500]), float(grades[:256].max()), bool((grades[256:1500] == 0).mean() > 0.99)
     (1.0, 0.0, True)
+
+    References
+    ----------
+    AWS, randomcutforest-by-aws, ``BasicThresholder`` (parkservices):
+    https://github.com/aws/random-cut-forest-by-aws
+    Guha, S., Mishra, N., Roy, G., Schrijvers, O. (2016). Robust Random Cut Forest Based Anomaly
+    Detection on Streams. ICML 2016, PMLR 48:2712-2721.
     """
 
     def __init__(self, z: float = 3.0, horizon: int = 1000, warmup: int = 256,

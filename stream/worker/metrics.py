@@ -1,7 +1,8 @@
-"""The stream worker's Prometheus metrics (names are a DESIGN.md contract).
+"""The stream worker's Prometheus metrics, defined once here (names are a DESIGN.md contract).
 
 Labels are low-cardinality by construction: event types, DLQ reasons, example kinds and labels,
-join outcomes. User and item ids never become labels.
+join outcomes. User and item ids never become labels. Reading a /metrics page back into numbers
+is ``stream.tools.scrape``.
 """
 from __future__ import annotations
 
@@ -31,24 +32,3 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
-
-def scrape(url: str, timeout: float = 2.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Read a /metrics page into {(sample name, sorted label pairs): value}; empty if unreachable."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        body = urllib.request.urlopen(url, timeout=timeout).read().decode("utf-8")
-    except OSError:
-        return {}
-    out = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def total(samples: dict, name: str) -> float:
-    """The sum of every sample called ``name`` across its labels."""
-    return sum(value for (sample, _), value in samples.items() if sample == name)

@@ -1,4 +1,4 @@
-"""Tests of the stream's per-entity window features and anomaly detector (stream/anomaly.py):
+"""Tests of the stream's per-entity window features and anomaly detector (stream/anomaly/):
 exact feature values, and simulated click floods among normal users and items."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from stream.anomaly.detector import ITEM_FEATURES, USER_FEATURES, AnomalyDetector, EntityWindows
+from stream.anomaly import AnomalyDetector
+from stream.anomaly.features import ITEM_FEATURES, USER_FEATURES, EntityWindows
 
 
 def impression(user: str, ts: float, items: list[str]) -> dict:

@@ -10,10 +10,10 @@ import logging
 import numpy as np
 import pytest
 
-from stream.anomaly.thresholds import AdaptiveThreshold
-from stream.anomaly import detector as anomaly_mod
 from stream import events as ev
-from stream.anomaly.detector import MANIFEST, AnomalyDetector
+from stream.anomaly import AdaptiveThreshold, AnomalyDetector
+from stream.anomaly import checkpoint as checkpoint_mod
+from stream.anomaly.checkpoint import MANIFEST
 from stream.worker.app import create_worker
 from stream.config import StreamSettings
 from stream.log.table import EVENTS, EXAMPLES, ParquetLog
@@ -166,7 +166,7 @@ def test_saves_replace_the_checkpoint_and_drop_old_files(first_run, tmp_path, mo
     """Each save leaves a manifest naming its three files; files no manifest names are removed
     once older than STALE_S (0 here); nothing temporary is left behind."""
     live, _ = first_run
-    monkeypatch.setattr(anomaly_mod, "STALE_S", 0.0)
+    monkeypatch.setattr(checkpoint_mod, "STALE_S", 0.0)
     folder = tmp_path / "ckpt"
     live.detector.snapshot().save(folder)
     live.detector.snapshot().save(folder)
