@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 
 from stream.log.table import EVENTS, EXAMPLES, ParquetLog
+from stream.topics import Topics
 
 
 class WorkerProcess:
@@ -58,18 +59,44 @@ class WorkerProcess:
     def logged_examples(self):
         return self.log.read(EXAMPLES)
 
+    def caught_up(self) -> bool:
+        """Whether the worker has committed every message on its ``events`` topic.
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, worker: WorkerProcess | None = None) -> None:
-    """Poll ``predicate`` until true; fail with the worker's output when it does not come true."""
+        It commits a batch's offsets only once the batch's output is acknowledged and its rows
+        are in the log, so this says that everything sent so far has been processed and logged:
+        nothing more is on its way.
+        """
+        group = self.prefix + "streamrec-ingest"  # the worker's consumer group (stream.worker.app)
+        return committed_all(self.bootstrap, Topics(self.prefix).events, group)
+
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, worker: WorkerProcess | None = None) -> T:
+    """Poll ``predicate`` until it returns a true value, and return that value; fail with the
+    worker's output when it does not come true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        value = predicate()
+        if value:
+            return value
         if worker is not None and worker.proc is not None and not worker.alive():
             raise AssertionError(f"the worker exited while waiting for {what}:\n{worker.output()[-5000:]}")
         time.sleep(0.3)
     tail = worker.output()[-5000:] if worker is not None else ""
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def committed_all(bootstrap: str, topic: str, group: str) -> bool:
+    """Whether ``group`` has committed the end offset of every partition of ``topic``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = consumer.end_offsets(partitions)
+        return bool(partitions) and all((consumer.committed(tp) or 0) == ends[tp] for tp in partitions)
+    finally:
+        consumer.close()
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[dict]:

@@ -15,7 +15,7 @@ from kafka import KafkaProducer
 from learner.updates import DeltaAssembler, latest_snapshot, read_snapshot
 from stream.topics import Topics
 from stream.tools.kafka_local import free_port
-from stream.worker.metrics import scrape
+from stream.tools.scrape import scrape
 from stream.topics import ensure_topics
 from tests.workerproc import read_topic, wait_for
 
