@@ -1,17 +1,24 @@
-"""Detection metrics on labelled anomaly windows: window F1, ROC AUC and the NAB score.
+"""Detection metrics on labelled anomaly windows: the NAB score, window F1 and ROC AUC.
 
-``bench/rcf.py`` scores the forest and its ``rrcf`` peer with these, so both are judged by the
-same rules:
+``bench/rcf.py`` judges every detector by these rules. The NAB score follows NAB's own scorer
+(Lavin & Ahmad 2015; NAB's ``nab/sweeper.py``, ``nab/optimizer.py``, ``nab/runner.py`` and
+``config/profiles.json``):
 
-* window detection: a labelled window with at least one alarm inside is a hit, a window
-  without one a miss, and each run of consecutive alarms outside every window a false alarm;
-* ROC AUC of the raw scores against window membership (ties count one half);
-* the NAB score (Lavin & Ahmad 2015, rules of NAB's ``sweeper.py``): the first 15% of a series
-  (at most 750 rows) is probationary and not scored; a window's earliest alarm earns
-  A_TP * sigma(position) / sigma(-1), a window without one costs A_FN, and every alarm outside
-  the windows costs A_FP * sigma(its distance past the previous window's end, in window widths),
-  sigma(x) = 2 / (1 + exp(5x)) - 1 (and -1 beyond 3 widths, or with no window before it). The
-  corpus total is normalised so that no alarms at all scores 0 and a perfect detector 100.
+* the first ``min(floor(0.15 n), 750)`` rows of a series are probationary and not scored at all;
+* a detection in a window earns A_TP * sigma(p) / sigma(-1), p = -(last - i + 1) / width, and
+  only the window's best (its earliest) detection counts; a window with no detection after the
+  probation costs A_FN (a window wholly inside the probation counts for nothing);
+* every detection outside the windows adds A_FP * sigma(p), p = |i - last of the previous
+  window| / (its width - 1), or sigma = -1 with no window before it (or p >= 3), where
+  sigma(p) = 2 / (1 + exp(5 p)) - 1;
+* detections are the rows whose score is >= a threshold, one threshold for the whole corpus per
+  profile, chosen by sweeping every distinct score (NAB's optimizer);
+* the corpus total S is normalised to 100 (S - S_null) / (S_perfect - S_null), S_null the
+  optimised score of NAB's null detector (a constant score), S_perfect = A_TP x number of
+  windows.
+
+Where NAB itself fails (the distance past a one-row window divides by zero), the width minus
+one is taken as at least 1. The checks against NAB's source are listed in docs/anomaly-nab.md.
 """
 from __future__ import annotations
 
@@ -26,14 +33,30 @@ PROBATION_CAP = 750  # NAB: 0.15 * 5000 rows
 
 @dataclass(frozen=True)
 class Profile:
-    """NAB cost matrix (weights of a true positive, a false positive, a false negative)."""
+    """NAB cost matrix: weights of a true positive, a false positive and a false negative."""
 
     tp: float = 1.0
     fp: float = 0.11
     fn: float = 1.0
 
 
-STANDARD = Profile()
+PROFILES = {  # NAB config/profiles.json
+    "standard": Profile(tp=1.0, fp=0.11, fn=1.0),
+    "reward_low_FP_rate": Profile(tp=1.0, fp=0.22, fn=1.0),
+    "reward_low_FN_rate": Profile(tp=1.0, fp=0.11, fn=2.0),
+}
+STANDARD = PROFILES["standard"]
+
+
+@dataclass(frozen=True)
+class CorpusScore:
+    """A profile's NAB result: the normalised score, the threshold chosen and the raw totals."""
+
+    score: float
+    threshold: float
+    raw: float
+    null: float
+    perfect: float
 
 
 def window_bounds(timestamps: np.ndarray, windows: list[list[str]]) -> list[tuple[int, int]]:
@@ -55,6 +78,102 @@ def in_windows(n: int, bounds: list[tuple[int, int]]) -> np.ndarray:
     for first, last in bounds:
         mask[first:last + 1] = True
     return mask
+
+
+def probation_length(n: int) -> int:
+    """Rows at the start of an ``n``-row series that NAB does not score."""
+    return int(min(math.floor(PROBATION_FRACTION * n), PROBATION_CAP))
+
+
+def scaled_sigmoid(position: np.ndarray) -> np.ndarray:
+    """NAB's sigma(p) = 2 / (1 + exp(5 p)) - 1, and -1 from p = 3 on."""
+    p = np.asarray(position, dtype=np.float64)
+    return np.where(p >= 3.0, -1.0, 2.0 / (1.0 + np.exp(5.0 * np.minimum(p, 3.0))) - 1.0)
+
+
+def row_weights(n: int, bounds: list[tuple[int, int]],
+                profile: Profile = STANDARD) -> tuple[np.ndarray, np.ndarray]:
+    """What each row would add as a detection (NAB's sweep score), and its window (-1: none).
+
+    Probationary rows are included here; the callers drop them.
+    """
+    weight = np.full(n, -profile.fp)  # before the first window: sigma = -1
+    window = np.full(n, -1, dtype=np.int64)
+    max_tp = float(scaled_sigmoid(-1.0))
+    ordered = sorted(bounds)
+    for k, (first, last) in enumerate(ordered):
+        rows = np.arange(first, last + 1)
+        width = last - first + 1
+        weight[rows] = profile.tp * scaled_sigmoid(-(last - rows + 1) / width) / max_tp
+        window[rows] = k
+        end = ordered[k + 1][0] if k + 1 < len(ordered) else n
+        after = np.arange(last + 1, end)
+        weight[after] = profile.fp * scaled_sigmoid((after - last) / max(width - 1, 1))
+    return weight, window
+
+
+def nab_raw_score(alarms: np.ndarray, bounds: list[tuple[int, int]],
+                  profile: Profile = STANDARD) -> tuple[float, int]:
+    """NAB's unnormalised score of one series' detections, and the number of windows scored
+    (those not wholly in the probationary period)."""
+    alarms = np.asarray(alarms, dtype=bool)
+    weight, window = row_weights(len(alarms), bounds, profile)
+    scored = np.arange(len(alarms)) >= probation_length(len(alarms))
+    score = float(weight[alarms & scored & (window < 0)].sum())
+    windows = np.unique(window[scored & (window >= 0)])
+    for k in windows:
+        hits = alarms & scored & (window == k)
+        score += float(weight[hits].max()) if hits.any() else -profile.fn
+    return score, len(windows)
+
+
+def optimise_threshold(scores: list[np.ndarray], bounds: list[list[tuple[int, int]]],
+                       profile: Profile = STANDARD) -> tuple[float, float]:
+    """The threshold (detections: score >= threshold) with the best corpus total, and that total.
+
+    NAB's ``calcScoreByThreshold``: every distinct score is tried, from the highest down; the
+    first candidate, ``inf``, detects nothing. Ties go to the higher threshold.
+    """
+    values, weights, windows = [], [], []
+    offset = 0
+    n_windows = 0
+    for series, series_bounds in zip(scores, bounds):
+        series = np.asarray(series, dtype=np.float64)
+        weight, window = row_weights(len(series), series_bounds, profile)
+        keep = slice(probation_length(len(series)), None)
+        window = window[keep]
+        n_windows += len(np.unique(window[window >= 0]))
+        values.append(series[keep])
+        weights.append(weight[keep])
+        windows.append(np.where(window >= 0, window + offset, -1))
+        offset += len(series_bounds)
+    value = np.concatenate(values)
+    order = np.argsort(-value, kind="stable")
+    value = value[order]
+    weight = np.concatenate(weights)[order]
+    window = np.concatenate(windows)[order]
+    gain = np.where(window < 0, weight, 0.0)
+    inside = np.flatnonzero(window >= 0)
+    by_window = inside[np.argsort(window[inside], kind="stable")]  # each window's rows, best first
+    starts = np.flatnonzero(np.r_[True, np.diff(window[by_window]) != 0])
+    for rows in np.split(by_window, starts[1:]):
+        best = np.maximum.accumulate(weight[rows])
+        gain[rows] = np.diff(np.r_[-profile.fn, best])
+    total = -profile.fn * n_windows + np.cumsum(gain)
+    ends = np.flatnonzero(np.r_[value[1:] != value[:-1], True])  # last row of each distinct score
+    thresholds = np.r_[np.inf, value[ends]]
+    totals = np.r_[-profile.fn * n_windows, total[ends]]
+    best = int(np.argmax(totals))
+    return float(thresholds[best]), float(totals[best])
+
+
+def corpus_score(scores: list[np.ndarray], bounds: list[list[tuple[int, int]]],
+                 profile: Profile = STANDARD) -> CorpusScore:
+    """NAB's final score of a detector on a corpus (see the module docstring)."""
+    threshold, raw = optimise_threshold(scores, bounds, profile)
+    _, null = optimise_threshold([np.full(len(s), 0.5) for s in scores], bounds, profile)
+    perfect = profile.tp * sum(len(b) for b in bounds)
+    return CorpusScore(100.0 * (raw - null) / (perfect - null), threshold, raw, null, perfect)
 
 
 def window_detection(alarms: np.ndarray, bounds: list[tuple[int, int]]) -> tuple[int, int]:
@@ -87,48 +206,3 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     ranks = np.empty(len(scores))
     ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _sigma(position: float) -> float:
-    return -1.0 if position >= 3.0 else 2.0 / (1.0 + math.exp(5.0 * position)) - 1.0
-
-
-def nab_raw_score(alarms: np.ndarray, bounds: list[tuple[int, int]],
-                  profile: Profile = STANDARD) -> tuple[float, int]:
-    """NAB's unnormalised score of one series' alarms (see the module docstring), and the number
-    of windows it scored (those not entirely in the probationary period)."""
-    alarms = np.asarray(alarms, dtype=bool)
-    n = len(alarms)
-    probation = min(math.floor(PROBATION_FRACTION * n), PROBATION_CAP)
-    max_tp = _sigma(-1.0)
-    score = 0.0
-    scored = 0
-    for first, last in bounds:
-        if last < probation:
-            continue
-        scored += 1
-        detected = np.flatnonzero(alarms[max(first, probation):last + 1])
-        if len(detected):
-            i = max(first, probation) + int(detected[0])
-            score += profile.tp * _sigma(-(last - i + 1) / (last - first + 1)) / max_tp
-        else:
-            score -= profile.fn
-    inside = in_windows(n, bounds)
-    for i in np.flatnonzero(alarms & ~inside):
-        if i < probation:
-            continue
-        previous = [(first, last) for first, last in bounds if last < i]
-        if previous:
-            first, last = previous[-1]
-            position = abs(last - i) / max(last - first, 1)
-        else:
-            position = 3.0
-        score += profile.fp * _sigma(position)
-    return score, scored
-
-
-def nab_normalised(raw_total: float, n_windows: int, profile: Profile = STANDARD) -> float:
-    """100 * (raw - null) / (perfect - null): null detector (no alarms) 0, perfect 100."""
-    null = -profile.fn * n_windows
-    perfect = profile.tp * n_windows
-    return 100.0 * (raw_total - null) / (perfect - null)
