@@ -18,11 +18,13 @@ when it has all its parts, so it never serves a half-applied version.
 presence marks a complete snapshot) with the sha256 of both files, the ``seq`` of the last delta
 the snapshot includes, its creation time and metrics; and it announces the manifest on
 ``model.updates`` keyed ``snapshot/<model>`` (the topic is compacted, so the newest survives).
-Readers verify both digests before loading; safetensors holds no code, so loading runs none.
+Readers verify both digests before loading and refuse, with a reason (``SnapshotError``), any
+snapshot that does not load whole; safetensors holds no code, so loading runs none.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -45,8 +47,17 @@ FORMAT_VERSION = 1
 MAX_ROWS_PER_MESSAGE = 2000
 
 
+# Why a snapshot was refused, in a word (a metric label): SnapshotError.reason.
+SNAPSHOT_FAULTS = ("manifest", "missing_file", "io", "checksum", "tensors", "ids", "shape", "values")
+
+
 class SnapshotError(ValueError):
-    """A snapshot is incomplete, corrupt or not what its manifest says; the message says which."""
+    """A snapshot is incomplete, corrupt or not what its manifest says; the message says which, and
+    ``reason`` names the kind of fault in one word (``SNAPSHOT_FAULTS``, or the reader's own)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -265,7 +276,7 @@ def latest_snapshot(store: Path, model: str) -> Path | None:
             continue
         try:
             found.append((int(json.loads(manifest.read_text())["seq"]), manifest.parent))
-        except (ValueError, KeyError, OSError):
+        except (ValueError, KeyError, TypeError, OSError):
             continue
     return max(found)[1] if found else None
 
@@ -283,28 +294,108 @@ class Snapshot:
 
 
 def read_snapshot(folder: Path) -> Snapshot:
-    """Verify and load a snapshot. Raises SnapshotError with the reason when it cannot be trusted."""
+    """Verify and load a snapshot. Any fault (an unreadable or incomplete manifest, a missing or
+    unreadable file, a digest that differs, tensors that do not parse or do not line up with the
+    ids, ids that are not unique strings) raises SnapshotError with its reason.
+
+    Each file is read once, and the bytes whose digest was checked are the bytes that load; the
+    digest alone is not trusted to mean the tensors parse (a snapshot truncated before its
+    manifest was written has a matching digest).
+    """
     folder = Path(folder)
+    manifest = _read_manifest(folder)
+    contents = {name: _read_verified(folder, name, digest) for name, digest in manifest["files"].items()}
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError) as err:
-        raise SnapshotError(f"{folder}: unreadable manifest ({err})") from None
-    for name, expected in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise SnapshotError(f"{folder}: {name} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise SnapshotError(f"{folder}: sha256 of {name} is {actual[:12]}…, the manifest says {expected[:12]}…")
-    if set(manifest.get("files", {})) != {"rows.safetensors", "ids.json"}:
-        raise SnapshotError(f"{folder}: the manifest does not list rows.safetensors and ids.json")
+        tensors = st_load(contents["rows.safetensors"])
+    except Exception as err:  # safetensors raises its own SafetensorError (not a ValueError)
+        raise SnapshotError(f"{folder}: rows.safetensors does not parse ({err})", "tensors") from None
+    missing = sorted(set(_TENSORS) - set(tensors))
+    if missing:
+        raise SnapshotError(f"{folder}: rows.safetensors lacks {', '.join(missing)}", "tensors")
+    ids = _read_ids(folder, contents["ids.json"])
     try:
-        tensors = st_load((folder / "rows.safetensors").read_bytes())
-        ids = json.loads((folder / "ids.json").read_text())
         users = ModelRows(ids["users"], tensors["user_vectors"], tensors["user_biases"], tensors["user_click_biases"])
         items = ModelRows(ids["items"], tensors["item_vectors"], tensors["item_biases"], tensors["item_click_biases"])
-        global_mean, click_intercept = (float(x) for x in tensors["global"])
+    except (ValueError, TypeError) as err:
+        raise SnapshotError(f"{folder}: {err}", "shape") from None
+    _check_shapes(folder, manifest, users, items, tensors["global"])
+    global_mean, click_intercept = (float(x) for x in tensors["global"])
+    try:
         rating_range = _range_from_json(manifest.get("rating_range"))
-    except (KeyError, ValueError, OSError) as err:
-        raise SnapshotError(f"{folder}: cannot load ({err})") from None
+    except ValueError as err:
+        raise SnapshotError(f"{folder}: {err}", "manifest") from None
     return Snapshot(manifest, global_mean, click_intercept, users, items, rating_range)
+
+
+_TENSORS = ("user_vectors", "user_biases", "user_click_biases", "item_vectors", "item_biases", "item_click_biases",
+            "global")
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The manifest, its required fields checked."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_bytes())
+    except (OSError, ValueError) as err:
+        raise SnapshotError(f"{folder}: unreadable manifest ({err})", "manifest") from None
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"{folder}: the manifest is not a JSON object", "manifest")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {"rows.safetensors", "ids.json"}:
+        raise SnapshotError(f"{folder}: the manifest does not list rows.safetensors and ids.json", "manifest")
+    if not all(isinstance(manifest.get(name), str) for name in ("model", "version")) or \
+            not isinstance(manifest.get("seq"), int) or isinstance(manifest["seq"], bool):
+        raise SnapshotError(f"{folder}: the manifest lacks a model, version or integer seq", "manifest")
+    return manifest
+
+
+def _read_verified(folder: Path, name: str, expected: object) -> bytes:
+    try:
+        data = (folder / name).read_bytes()
+    except FileNotFoundError:
+        raise SnapshotError(f"{folder}: {name} is missing", "missing_file") from None
+    except OSError as err:
+        raise SnapshotError(f"{folder}: cannot read {name} ({err})", "io") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise SnapshotError(f"{folder}: sha256 of {name} is {actual[:12]}…, the manifest says "
+                            f"{str(expected)[:12]}…", "checksum")
+    return data
+
+
+def _read_ids(folder: Path, data: bytes) -> dict[str, list[str]]:
+    """``{"users": [...], "items": [...]}``: each a list of distinct non-empty strings of valid Unicode."""
+    try:
+        ids = json.loads(data)
+    except ValueError as err:
+        raise SnapshotError(f"{folder}: ids.json is not JSON ({err})", "ids") from None
+    if not isinstance(ids, dict):
+        raise SnapshotError(f"{folder}: ids.json is not a JSON object", "ids")
+    for side in ("users", "items"):
+        side_ids = ids.get(side)
+        if not isinstance(side_ids, list) or not all(isinstance(i, str) and i for i in side_ids):
+            raise SnapshotError(f"{folder}: the {side} of ids.json are not a list of non-empty strings", "ids")
+        if len(set(side_ids)) != len(side_ids):
+            raise SnapshotError(f"{folder}: the {side} of ids.json repeat an id", "ids")
+        try:
+            "".join(side_ids).encode("utf-8")
+        except UnicodeEncodeError:
+            raise SnapshotError(f"{folder}: the {side} of ids.json hold a lone surrogate", "ids") from None
+    return ids
+
+
+def _check_shapes(folder: Path, manifest: dict, users: ModelRows, items: ModelRows,
+                  global_terms: np.ndarray) -> None:
+    """Both sides share one factor count, the manifest's, and hold the rows it counts; the global
+    terms are two finite numbers."""
+    if users.vectors.shape[1] != items.vectors.shape[1]:
+        raise SnapshotError(f"{folder}: users have {users.vectors.shape[1]} factors, items "
+                            f"{items.vectors.shape[1]}", "shape")
+    found = {"n_users": len(users), "n_items": len(items), "n_factors": items.vectors.shape[1]}
+    for name, value in found.items():
+        if name in manifest and manifest[name] != value:
+            raise SnapshotError(f"{folder}: the manifest says {name} = {manifest[name]!r}, the files hold {value}",
+                                "shape")
+    if global_terms.shape != (2,):
+        raise SnapshotError(f"{folder}: the global tensor has shape {global_terms.shape}, not (2,)", "shape")
+    if not np.isfinite(global_terms).all():
+        raise SnapshotError(f"{folder}: the global terms are not finite ({global_terms.tolist()})", "values")

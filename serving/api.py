@@ -17,9 +17,13 @@
 =====================  ========================================================================
 
 Every input is validated and bounded: unknown or repeated query parameters, ids longer than 256
-characters, bodies over 64 KiB (aiohttp's ``client_max_size``) and malformed JSON get a 4xx whose
-JSON body says what is wrong (``{"error": ...}``); an unexpected failure is logged and answered
-with a 500, and the server keeps going. Responses are encoded with orjson.
+characters, query parameters that are not valid UTF-8 once percent-decoded (aiohttp would turn
+them into U+FFFD), bodies over 64 KiB (aiohttp's ``client_max_size``) or slower than
+``body_timeout_s`` (408, and the connection closes) and malformed JSON get a 4xx whose JSON body
+says what is wrong (``{"error": ...}``); an unexpected failure is logged and answered with a 500,
+and the server keeps going. A client that leaves before its answer (mid-body, or while it is
+computed) is counted apart (``streamrec_serving_client_aborts_total``), not as a response.
+Responses are encoded with orjson.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote, unquote_to_bytes
 
 import orjson
 from aiohttp import web
@@ -85,7 +90,39 @@ def _check_id(value: object, name: str) -> str:
         raise BadRequest(f"{name} must not be empty")
     if len(value) > MAX_ID_CHARS:
         raise BadRequest(f"{name} has {len(value)} characters, at most {MAX_ID_CHARS} allowed")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{name} is not valid Unicode (it holds a lone surrogate)") from None
     return value
+
+
+def check_query_encoding(raw_query: str) -> None:
+    """Raise BadRequest, naming the parameter, when a name or value of the raw (percent-encoded)
+    query string is not valid UTF-8 once decoded; a lone surrogate is not (UTF-8 cannot encode
+    one). aiohttp decodes such bytes to U+FFFD, which would serve an id nobody has.
+
+    >>> check_query_encoding("user_id=caf%C3%A9&k=5")
+    >>> check_query_encoding("k=5&user_id=%ED%A0%80")
+    Traceback (most recent call last):
+    ...
+    serving.api.BadRequest: user_id is not valid UTF-8 once percent-decoded
+    """
+    for pair in raw_query.split("&"):
+        name, _, value = pair.partition("=")
+        if not _is_utf8(name):
+            raise BadRequest("a parameter name is not valid UTF-8 once percent-decoded")
+        if not _is_utf8(value):
+            raise BadRequest(f"{unquote(name)[:40]} is not valid UTF-8 once percent-decoded")
+
+
+def _is_utf8(percent_encoded: str) -> bool:
+    try:
+        unquote_to_bytes(percent_encoded).decode("utf-8")
+    except UnicodeError:  # bytes that are not UTF-8, or a raw byte aiohttp kept as a surrogate escape
+        return False
+    return True
 
 
 def _number(text: str, name: str, low: float, high: float, integer: bool = False) -> float:
@@ -167,15 +204,21 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+def _client_left(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def build_app(recommender: Recommender, metrics: ServingMetrics, readiness: Callable[[], tuple[bool, str]],
-              before_scrape: Callable[[], None] = lambda: None) -> web.Application:
+              before_scrape: Callable[[], None] = lambda: None, body_timeout_s: float = 10.0) -> web.Application:
     """The aiohttp application of one replica.
 
     ``readiness`` returns (ready, reason); ``before_scrape`` runs before ``/metrics`` renders
-    (to refresh statistics computed lazily).
+    (to refresh statistics computed lazily); a request body must arrive within ``body_timeout_s``.
     """
     # The labelled children, looked up once (``labels()`` costs a lock and a dict lookup per call).
     latency = {route: metrics.request_seconds.labels(route) for route in ROUTES}
+    aborts = {route: metrics.client_aborts.labels(route) for route in ROUTES}
     responses: dict[tuple[str, int], object] = {}
 
     def count(route: str, status: int) -> None:
@@ -203,14 +246,20 @@ def build_app(recommender: Recommender, metrics: ServingMetrics, readiness: Call
             response = _json({"error": err.text or err.reason}, err.status)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("unexpected failure on %s %s", request.method, request.path)
+        except Exception as err:
+            if not (isinstance(err, ConnectionError) and _client_left(request)):
+                log.exception("unexpected failure on %s %s", request.method, request.path)
             response = _json({"error": "internal error (logged on the server)"}, 500)
+        if _client_left(request):  # nobody reads the response: aiohttp drops it
+            (aborts.get(route) or metrics.client_aborts.labels(route)).inc()
+            log.debug("the client of %s %s left before its answer", request.method, request.path[:100])
+            return response
         (latency.get(route) or metrics.request_seconds.labels(route)).observe(time.perf_counter() - started)
         count(route, response.status)
         return response
 
     async def recommendations(request: web.Request) -> web.Response:
+        check_query_encoding(request.rel_url.raw_query_string)
         q = parse_recommendation_query(request.query)
         result = await recommender.recommend(q.user_id, q.k, q.policy, q.exclude_seen, q.epsilon, q.temperature)
         if result["fallback"]:
@@ -218,7 +267,14 @@ def build_app(recommender: Recommender, metrics: ServingMetrics, readiness: Call
         return _json(result)
 
     async def predict(request: web.Request) -> web.Response:
-        body = parse_predict_body(await request.read())
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            response = _json({"error": f"the body did not arrive within {body_timeout_s:g} s"}, 408)
+            response.force_close()
+            return response
+        body = parse_predict_body(raw)
         return _json(recommender.predict(body.user_id, body.item_ids, body.kind))
 
     async def healthz(request: web.Request) -> web.Response:

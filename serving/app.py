@@ -6,6 +6,12 @@ followers (``model.updates`` for the model, ``examples`` for the monitor). The H
 up first and answers ``/healthz`` at once; ``/readyz`` turns 200 once the model store has been
 read and the update topic caught up with. ``run`` is the blocking entry point of
 ``streamrec serve``.
+
+Slow clients are bounded three ways: a connection has ``header_timeout_s`` from its start (or
+from its previous answer) to send a request's whole header, after which aiohttp closes it (its
+``keepalive_timeout``, which also closes idle keep-alive connections: a proxy in front should keep
+its own idle timeout shorter); a request has ``body_timeout_s`` to send its body (``serving.api``);
+and at most ``max_connections`` are open at once (``serving.connections``).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import signal
 from aiohttp import web
 
 from serving.api import build_app
+from serving.connections import ConnectionGate
 from serving.index import IndexSettings
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
@@ -31,6 +38,10 @@ from stream.topics import Topics
 log = logging.getLogger(__name__)
 
 RETRY_S = 2.0
+# How long aiohttp goes on reading (and dropping) the unread body of a request it has answered
+# (a 408, a 413) before it closes: its client reads the answer before the close, and a trickling
+# client is cut off soon after (aiohttp's default is 10 s).
+LINGER_S = 2.0
 
 
 class ServingApp:
@@ -55,8 +66,11 @@ class ServingApp:
         self.index = IndexSettings.of(s)
         self.updater = ModelUpdater(s.store_dir, s.model, self.live, self.metrics, self.monitor.recent_outcomes,
                                     s.shadow_tolerance, s.shadow_min_outcomes, index=self.index)
-        self.web = build_app(self.recommender, self.metrics, self.readiness, self.monitor.maybe_refresh_drift)
+        self.web = build_app(self.recommender, self.metrics, self.readiness, self.monitor.maybe_refresh_drift,
+                             body_timeout_s=s.body_timeout_s)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._gate: ConnectionGate | None = None
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
 
@@ -73,11 +87,13 @@ class ServingApp:
         ``follow=False`` serves HTTP only, with whatever is swapped into ``live`` by hand (tests of
         the API that need no broker).
         """
-        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.settings.header_timeout_s, lingering_time=LINGER_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._gate = ConnectionGate(self._runner.server, self.settings.max_connections, self.metrics)
+        self._listener = await asyncio.get_running_loop().create_server(self._gate, self.settings.host,
+                                                                        self.settings.port, backlog=128)
+        self.port = self._listener.sockets[0].getsockname()[1]
         log.info("serving on http://%s:%d", self.settings.host, self.port)
         if not follow:
             return
@@ -89,7 +105,10 @@ class ServingApp:
         ]
 
     async def _keep_following(self) -> None:
-        await self.updater.bootstrap()
+        try:
+            await self.updater.bootstrap()
+        except Exception:  # a refused snapshot does not raise: this is a bug, and the topic may still serve
+            log.exception("reading the model store failed; going on with model.updates alone")
         await _retrying("model.updates", lambda: self.updater.follow(self.settings.bootstrap_servers,
                                                                      self.topics.model_updates))
 
@@ -98,8 +117,14 @@ class ServingApp:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.updater.stop()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._gate is not None:
+            self._gate.close()
+        if self._listener is not None:
+            await self._listener.wait_closed()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Return once ready; TimeoutError after ``timeout_s`` seconds."""

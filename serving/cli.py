@@ -24,6 +24,11 @@ _FLAGS = {
     "store_dir": (Path, "model store folder"),
     "host": (str, "address to bind (keep 127.0.0.1 unless a proxy in front needs otherwise)"),
     "port": (int, "HTTP port (0: any free port)"),
+    "header_timeout_s": (float, "seconds a connection has, from its start or its previous answer, to send a "
+                                "request's whole header (idle keep-alive connections close after it too)"),
+    "body_timeout_s": (float, "seconds a request has to send its whole body once its header arrived (408 past it)"),
+    "max_connections": (int, "open HTTP connections at most; past it a new one gets 503 and is closed (keep it "
+                             "below the process's file limit)"),
     "epsilon": (float, "default exploration probability of epsilon_greedy"),
     "temperature": (float, "default temperature of softmax"),
     "candidates": (int, "softmax samples among this many best-scored items"),

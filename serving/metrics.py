@@ -51,11 +51,24 @@ class ServingMetrics:
                                  "shadow_refused, stale).", ["result"], registry=r)
         self.deltas = Counter("streamrec_serving_deltas", "Delta publishes considered, by result (applied, "
                               "skipped, invalid, refused).", ["result"], registry=r)
+        self.snapshot_refusals = Counter("streamrec_serving_snapshot_refusals", "Snapshots refused as unusable, by "
+                                         "reason: manifest, missing_file, io, checksum, tensors, ids, shape, values "
+                                         "(learner.updates.SNAPSHOT_FAULTS), announcement (not the announced files, "
+                                         "outside the store, unreadable), unexpected (a failure building the "
+                                         "model; logged with its traceback).", ["reason"], registry=r)
         self.delta_gaps = Counter("streamrec_serving_delta_gaps", "Times the next delta's seq was not the one "
                                   "after the served one (some deltas were never seen).", registry=r)
         self.examples = Counter("streamrec_serving_examples", "Outcomes read from `examples`, by how the version "
                                 "that scored them was found (served_version, event_time, arrival) or why they "
                                 "were not scored (anomalous, invalid, no_model).", ["result"], registry=r)
+        self.client_aborts = Counter("streamrec_serving_client_aborts", "Requests whose client left before the "
+                                     "answer (mid-body, or while it was computed); not in the responses counted "
+                                     "by status.", ["route"], registry=r)
+        self.connections = Gauge("streamrec_serving_connections", "Open HTTP connections (admitted under the cap).",
+                                 registry=r)
+        self.connections_refused = Counter("streamrec_serving_connections_refused", "HTTP connections answered 503 "
+                                           "and closed because the replica held its cap of open connections.",
+                                           registry=r)
         for signal in DRIFT_SIGNALS:
             self.drift_psi.labels(signal).set(float("nan"))
             self.drift_ks.labels(signal).set(float("nan"))

@@ -21,6 +21,9 @@ class ServeSettings:
     store_dir: Path = field(default_factory=lambda: Path(env("MODEL_STORE", str(state_dir() / "models"))))
     host: str = field(default_factory=lambda: env("SERVE_HOST", "127.0.0.1"))
     port: int = field(default_factory=lambda: env_int("SERVE_PORT", 8080))
+    header_timeout_s: float = field(default_factory=lambda: env_float("SERVE_HEADER_TIMEOUT_S", 10.0))
+    body_timeout_s: float = field(default_factory=lambda: env_float("SERVE_BODY_TIMEOUT_S", 10.0))
+    max_connections: int = field(default_factory=lambda: env_int("SERVE_MAX_CONNECTIONS", 1000))
     kind: str = field(default_factory=lambda: env("SERVE_KIND", "rating"))
     epsilon: float = field(default_factory=lambda: env_float("SERVE_EPSILON", 0.1))
     temperature: float = field(default_factory=lambda: env_float("SERVE_TEMPERATURE", 1.0))
@@ -46,6 +49,9 @@ class ServeSettings:
         rules = [
             (self.kind in ("rating", "click"), "kind must be rating or click"),
             (0 <= self.port <= 65535, "port must be in 0..65535"),
+            (self.header_timeout_s > 0 and self.body_timeout_s > 0, "header_timeout_s and body_timeout_s must be "
+                                                                     "positive"),
+            (self.max_connections >= 1, "max_connections must be at least 1"),
             (0.0 <= self.epsilon <= 1.0, "epsilon must be in [0, 1]"),
             (0.01 <= self.temperature <= 100.0, "temperature must be in [0.01, 100]"),
             (self.candidates >= 1, "candidates must be at least 1"),

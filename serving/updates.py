@@ -3,8 +3,10 @@
 The format is the learner's (``learner/PUBLISHING.md``, ``learner.updates``):
 
 1. **Bootstrap.** The newest snapshot in ``<store>/<model>/`` is verified (sha256 of both files)
-   and loaded off the event loop. A corrupt or unreadable one is refused, logged and counted
-   (``streamrec_serving_snapshots_total{result="corrupt"}``), and the next older one is tried.
+   and loaded off the event loop. One that cannot be served, for whatever reason (``read_snapshot``
+   and ``_load`` turn every failure into a SnapshotError), is refused, logged with its reason and
+   counted (``streamrec_serving_snapshots_total{result="corrupt"}`` and
+   ``streamrec_serving_snapshot_refusals_total{reason}``), and the next older one is tried.
 2. **Deltas.** ``model.updates`` has one partition; every replica assigns it and reads it from
    offset 0 (no consumer group), reassembles each publish from its parts (``DeltaAssembler``),
    skips publishes with ``seq`` <= the served one, and applies the rest in order. The records of
@@ -16,7 +18,8 @@ The format is the learner's (``learner/PUBLISHING.md``, ``learner.updates``):
 3. **Snapshots announced on the topic** (key ``snapshot/<model>``) newer than the served seq,
    or at the served seq when deltas were missed, are loaded from the store, verified, and
    promoted only if they pass the shadow check against recent outcomes (``serving.shadow``).
-   The store path in the announcement must stay inside the store.
+   The store path in the announcement must stay inside the store. A refused announcement is
+   passed over like any other record: what follows it on the topic still applies.
 
 4. **The item index** (``serving.index``), when the settings want one, is built with the model
    when a snapshot loads (off the event loop, before the swap) and carried through deltas. When
@@ -25,6 +28,10 @@ The format is the learner's (``learner/PUBLISHING.md``, ``learner.updates``):
    current centroids, then every row of the version live by then assigned, and that version
    replaced by the same version with the new index (``LiveModel.refresh``). Every swap holds one
    lock from reading the base version to swapping, so a rebuild never undoes a delta.
+
+The follower keeps its place: after a failure (the broker gone) it goes on from the next record
+it has not handled, not from offset 0, and a batch that fails to apply is logged and passed over
+(a snapshot at the served seq is then accepted to repair what it missed).
 
 The replica is **caught up** once it has read the topic up to where it ended when the replica
 started; readiness waits for that, so a new replica joins the load balancer with the same model
@@ -87,6 +94,7 @@ class ModelUpdater:
         self._rebuild: asyncio.Task | None = None
         self._assembler = DeltaAssembler()
         self._missed_deltas = False
+        self._next_offset: int | None = None  # of model.updates, once read: where a restarted follow resumes
         self._delta_key = f"delta/{model}".encode()
         self._snapshot_key = f"snapshot/{model}".encode()
 
@@ -98,7 +106,7 @@ class ModelUpdater:
             try:
                 candidate = await _load(folder, index=self.index)
             except SnapshotError as err:
-                self._refuse("corrupt", f"refused snapshot {folder}: {err}")
+                self._refuse_snapshot(err, "; trying the next older one")
                 continue
             async with self._swap_lock:
                 self.live.swap(candidate)
@@ -124,9 +132,11 @@ class ModelUpdater:
             found.append((seq, manifest.parent))
         return [folder for _, folder in sorted(found, key=lambda f: f[0], reverse=True)]
 
-    def _refuse(self, result: str, message: str) -> None:
-        self.metrics.snapshots.labels(result).inc()
-        log.warning(message)
+    def _refuse_snapshot(self, err: SnapshotError, then: str = "") -> None:
+        """Count and log a snapshot that cannot be served (with the traceback of an unexpected failure)."""
+        self.metrics.snapshots.labels("corrupt").inc()
+        self.metrics.snapshot_refusals.labels(err.reason).inc()
+        log.warning("refused a snapshot (%s): %s%s", err.reason, err, then, exc_info=err.__cause__)
 
     # -- model.updates -----------------------------------------------------------------------
 
@@ -143,6 +153,17 @@ class ModelUpdater:
                 pending = []
                 await self._consider_snapshot(value)
         await self._apply(pending)
+
+    async def _process_or_skip(self, first_offset: int,
+                              records: Sequence[tuple[bytes | None, bytes | None]]) -> None:
+        """``process``, logging a failure and passing over the batch instead of raising: retrying it
+        would fail again. Deltas it held are missed, so a snapshot at the served seq repairs them."""
+        try:
+            await self.process(records)
+        except Exception:
+            self._missed_deltas = True
+            log.exception("could not apply the %d records of model.updates from offset %d; passing over them",
+                          len(records), first_offset)
 
     def _assemble(self, value: bytes | None) -> Delta | None:
         try:
@@ -193,7 +214,7 @@ class ModelUpdater:
             seq, path = int(manifest["seq"]), str(manifest["path"])
             announced = manifest["files"]
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as err:
-            self._refuse("corrupt", f"ignored an unreadable snapshot announcement: {err}")
+            self._refuse_snapshot(SnapshotError(f"unreadable announcement ({err})", "announcement"))
             return
         live = self.live.current
         if live is not None and (seq < live.seq or (seq == live.seq and not self._missed_deltas)):
@@ -201,12 +222,12 @@ class ModelUpdater:
             return
         folder = (self.store_dir / path).resolve()
         if not folder.is_relative_to(self.store_dir.resolve()):
-            self._refuse("corrupt", f"refused snapshot {path!r}: outside the model store")
+            self._refuse_snapshot(SnapshotError(f"{path!r} is outside the model store", "announcement"))
             return
         try:
             candidate = await _load(folder, announced, self.index)
         except SnapshotError as err:
-            self._refuse("corrupt", f"refused snapshot {folder}: {err}")
+            self._refuse_snapshot(err)
             return
         async with self._swap_lock:
             live = self.live.current
@@ -214,8 +235,8 @@ class ModelUpdater:
                 verdict = shadow_check(live, candidate, self.recent_outcomes(), self.shadow_tolerance,
                                        self.shadow_min_outcomes)
                 if not verdict.promote:
-                    self._refuse("shadow_refused", f"kept {live.version}, refused snapshot {candidate.version}: "
-                                                   f"{verdict.reason}")
+                    self.metrics.snapshots.labels("shadow_refused").inc()
+                    log.warning("kept %s, refused snapshot %s: %s", live.version, candidate.version, verdict.reason)
                     return
                 log.info("promoting snapshot %s over %s: %s", candidate.version, live.version, verdict.reason)
             self.live.swap(candidate)
@@ -264,12 +285,13 @@ class ModelUpdater:
             await asyncio.gather(self._rebuild, return_exceptions=True)
 
     async def follow(self, bootstrap_servers: str, topic: str) -> None:
-        """Read ``topic`` from offset 0 and apply it until cancelled."""
+        """Read ``topic`` from offset 0 (or, called again, from where the last call stopped) and
+        apply it until cancelled."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                    fetch_max_wait_ms=100, max_partition_fetch_bytes=MAX_FETCH_BYTES,
-                                    fetch_max_bytes=MAX_FETCH_BYTES)
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                                    max_partition_fetch_bytes=MAX_FETCH_BYTES, fetch_max_bytes=MAX_FETCH_BYTES)
         await consumer.start()
         try:
             while topic not in await consumer.topics():
@@ -277,7 +299,10 @@ class ModelUpdater:
                 await asyncio.sleep(2.0)
             tp = TopicPartition(topic, 0)  # model.updates has one partition (PUBLISHING.md)
             consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            if self._next_offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, self._next_offset)
             end = (await consumer.end_offsets([tp]))[tp]
             while True:
                 if not self.caught_up and await consumer.position(tp) >= end:
@@ -287,7 +312,8 @@ class ModelUpdater:
                 batches = await consumer.getmany(tp, timeout_ms=500, max_records=100)
                 records = batches.get(tp, [])
                 if records:
-                    await self.process([(r.key, r.value) for r in records])
+                    self._next_offset = records[-1].offset + 1
+                    await self._process_or_skip(records[0].offset, [(r.key, r.value) for r in records])
         finally:
             await consumer.stop()
 
@@ -306,9 +332,13 @@ async def _load(folder: Path, announced: dict | None = None, index: IndexSetting
     def load() -> ServingModel:
         snapshot = read_snapshot(folder)
         if announced is not None and snapshot.manifest.get("files") != announced:
-            raise SnapshotError(f"{folder}: the files in the store are not the ones announced on the topic")
+            raise SnapshotError(f"{folder}: the files in the store are not the ones announced on the topic",
+                                "announcement")
         try:
             return ServingModel.from_snapshot(snapshot, index)
-        except (ValueError, KeyError) as err:
-            raise SnapshotError(f"{folder}: {err}") from None
+        except ValueError as err:  # values that are not finite
+            raise SnapshotError(f"{folder}: {err}", "values") from None
+        except Exception as err:
+            raise SnapshotError(f"{folder}: building the model failed ({type(err).__name__}: {err})",
+                                "unexpected") from err
     return await asyncio.get_running_loop().run_in_executor(None, load)
