@@ -12,6 +12,15 @@ empty bin stays finite.
 
 **Kolmogorov-Smirnov**: the largest distance between the two empirical CDFs, in [0, 1].
 
+**When a statistic is an alarm.** Under no drift, with $B$ bins and windows of $n$ and $m$
+observations, the PSI (a symmetrised Kullback-Leibler divergence) is to second order
+$(1/n + 1/m)\,\chi^2_{B-1}$. So ``stats()`` also returns the PSI level that a stable stream
+exceeds with probability ``alpha`` (the false-alarm rate per comparison of two fresh windows),
+$(1/n + 1/m)\,\chi^2_{B-1}(1 - \alpha)$, and the alarm is the PSI above it. This assumes
+independent observations; ids that come in clusters (a user's several clicks) exceed it more
+often, which is why the default ``alpha`` is small. Which signals may alarm, and why the others
+only inform: docs/monitoring.md.
+
 Two kinds of signals:
 
 * numeric (served scores, labels): bins are the deciles of the reference window, or its distinct
@@ -25,10 +34,46 @@ Two kinds of signals:
 from __future__ import annotations
 
 from collections import Counter, deque
+from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 
 _SMOOTHING = 0.5
+ALPHA = 1e-4  # false-alarm probability per comparison of two fresh windows
+
+
+class DriftStats(NamedTuple):
+    """PSI and KS of the two windows, and the PSI level a stable stream exceeds with probability alpha."""
+
+    psi: float
+    ks: float
+    threshold: float
+
+    @property
+    def alarm(self) -> bool:
+        return self.psi > self.threshold  # False while NaN
+
+
+_NOT_READY = DriftStats(float("nan"), float("nan"), float("nan"))
+
+
+def chi2_quantile(q: float, dof: int) -> float:
+    """The ``q`` quantile of a chi-square with ``dof`` degrees of freedom (Wilson-Hilferty).
+
+    >>> round(chi2_quantile(0.95, 9), 1)  # tables: 16.92
+    16.9
+    """
+    if dof < 1:
+        return float("inf")
+    z = NormalDist().inv_cdf(q)
+    h = 2.0 / (9.0 * dof)
+    return dof * max(0.0, 1.0 - h + z * h ** 0.5) ** 3
+
+
+def psi_threshold(n_bins: int, n_reference: int, n_current: int, alpha: float = ALPHA) -> float:
+    """The PSI that two samples of a stable stream exceed with probability ``alpha`` (module docstring)."""
+    return (1.0 / n_reference + 1.0 / n_current) * chi2_quantile(1.0 - alpha, n_bins - 1)
 
 
 def psi_from_counts(reference: np.ndarray, current: np.ndarray) -> float:
@@ -43,14 +88,8 @@ def ks_from_counts(reference: np.ndarray, current: np.ndarray) -> float:
     return float(np.max(np.abs(np.cumsum(reference) / reference.sum() - np.cumsum(current) / current.sum())))
 
 
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """PSI of two samples of a numeric signal (bins from the reference, see the module docstring).
-
-    >>> rng = np.random.default_rng(0)
-    >>> a, b = rng.normal(size=5000), rng.normal(size=5000)
-    >>> psi(a, b) < 0.02, psi(a, b + 1.0) > 0.5
-    (True, True)
-    """
+def numeric_counts(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Count vectors of two numeric samples over bins from the reference (module docstring)."""
     reference = np.asarray(reference, dtype=np.float64)
     current = np.asarray(current, dtype=np.float64)
     distinct = np.unique(reference)
@@ -61,7 +100,18 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     n_bins = len(edges) + 1
     ref_counts = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=n_bins)
     cur_counts = np.bincount(np.searchsorted(edges, current, side="right"), minlength=n_bins)
-    return psi_from_counts(ref_counts.astype(np.float64), cur_counts.astype(np.float64))
+    return ref_counts.astype(np.float64), cur_counts.astype(np.float64)
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """PSI of two samples of a numeric signal (bins from the reference, see the module docstring).
+
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=5000), rng.normal(size=5000)
+    >>> psi(a, b) < 0.02, psi(a, b + 1.0) > 0.5
+    (True, True)
+    """
+    return psi_from_counts(*numeric_counts(reference, current, bins))
 
 
 def ks(reference: np.ndarray, current: np.ndarray) -> float:
@@ -98,18 +148,19 @@ class NumericDrift:
     >>> d = NumericDrift(window=1000)
     >>> rng = np.random.default_rng(1)
     >>> d.add(rng.normal(size=1000)); d.add(rng.normal(size=1000))
-    >>> d.stats()[0] < 0.1
-    True
-    >>> d.add(rng.normal(size=1000) + 2.0); psi_value, ks_value = d.stats()
-    >>> psi_value > 0.2, ks_value > 0.5
-    (True, True)
+    >>> d.stats().alarm
+    False
+    >>> d.add(rng.normal(size=1000) + 2.0); s = d.stats()
+    >>> s.psi > 0.2, s.ks > 0.5, s.alarm
+    (True, True, True)
     """
 
-    def __init__(self, window: int = 1000, bins: int = 10) -> None:
+    def __init__(self, window: int = 1000, bins: int = 10, alpha: float = ALPHA) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2, got {window}")
         self.window = window
         self.bins = bins
+        self.alpha = alpha
         self._ring = np.empty(2 * window)
         self._next = 0  # where the next value goes; the oldest value sits there once the ring is full
         self._n = 0
@@ -129,13 +180,15 @@ class NumericDrift:
         """Both windows are full."""
         return self._n == 2 * self.window
 
-    def stats(self) -> tuple[float, float]:
-        """(PSI, KS) of the two windows; NaN until both are full."""
+    def stats(self) -> DriftStats:
+        """PSI, KS and the alarm level of the two windows; NaN until both are full."""
         if not self.ready:
-            return float("nan"), float("nan")
+            return _NOT_READY
         ordered = np.concatenate([self._ring[self._next:], self._ring[: self._next]])
         reference, current = ordered[: self.window], ordered[self.window:]
-        return psi(reference, current, bins=self.bins), ks(reference, current)
+        counts = numeric_counts(reference, current, self.bins)
+        return DriftStats(psi_from_counts(*counts), ks(reference, current),
+                          psi_threshold(len(counts[0]), self.window, self.window, self.alpha))
 
 
 class CategoricalDrift:
@@ -144,16 +197,17 @@ class CategoricalDrift:
     >>> d = CategoricalDrift(window=1000)
     >>> rng = np.random.default_rng(2)
     >>> d.add([f"i{j}" for j in rng.zipf(1.5, 2000) % 500])
-    >>> d.stats()[0] < 0.1
-    True
-    >>> d.add([f"i{j + 7}" for j in rng.zipf(1.5, 1000) % 500]); d.stats()[0] > 0.2
+    >>> d.stats().alarm
+    False
+    >>> d.add([f"i{j + 7}" for j in rng.zipf(1.5, 1000) % 500]); d.stats().alarm
     True
     """
 
-    def __init__(self, window: int = 1000, bins: int = 20, min_count: int = 5) -> None:
+    def __init__(self, window: int = 1000, bins: int = 20, min_count: int = 5, alpha: float = ALPHA) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2, got {window}")
         self.window = window
+        self.alpha = alpha
         self.bins = bins
         self.min_count = min_count
         self._ids: deque = deque(maxlen=2 * window)
@@ -165,10 +219,11 @@ class CategoricalDrift:
     def ready(self) -> bool:
         return len(self._ids) == 2 * self.window
 
-    def stats(self) -> tuple[float, float]:
-        """(PSI, KS) of the two windows; NaN until both are full."""
+    def stats(self) -> DriftStats:
+        """PSI, KS and the alarm level of the two windows; NaN until both are full."""
         if not self.ready:
-            return float("nan"), float("nan")
+            return _NOT_READY
         ids = list(self._ids)
         counts = categorical_counts(ids[: self.window], ids[self.window:], self.bins, self.min_count)
-        return psi_from_counts(*counts), ks_from_counts(*counts)
+        return DriftStats(psi_from_counts(*counts), ks_from_counts(*counts),
+                          psi_threshold(len(counts[0]), self.window, self.window, self.alpha))

@@ -1,7 +1,6 @@
 """The monitor: how good the served model is, and whether the world is drifting away from it.
 
-It reads the outcomes on ``examples`` (contract fields ``user_id, item_id, label, position,
-propensity, weight, model_version, request_id, ts, kind, anomalous``) and keeps:
+It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
 
 * **served RMSE** per kind over the last ``rmse_window`` outcomes: the error of the prediction
   made by the model version that was live at the time (ratings: the predicted rating, clipped to
@@ -37,11 +36,12 @@ import orjson
 from serving.drift import CategoricalDrift, NumericDrift
 from serving.live import LiveModel
 from serving.metrics import ServingMetrics
-from serving.model import KINDS, ServingModel
+from serving.model import ServingModel
 from serving.popularity import Popularity
 from serving.seen import SeenItems
 from serving.shadow import Outcome
 from stream.events import MAX_ID_CHARS
+from stream.examples import EXAMPLE_KINDS, RATING
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _parse(example: object) -> tuple[str, str, float, str, float | None, str | N
     ts, version, anomalous = example.get("ts"), example.get("model_version"), example.get("anomalous", False)
     if not (isinstance(user, str) and 0 < len(user) <= MAX_ID_CHARS
             and isinstance(item, str) and 0 < len(item) <= MAX_ID_CHARS
-            and kind in KINDS and isinstance(label, (int, float)) and not isinstance(label, bool)
+            and kind in EXAMPLE_KINDS and isinstance(label, (int, float)) and not isinstance(label, bool)
             and math.isfinite(label) and isinstance(anomalous, bool)
             and (version is None or isinstance(version, str))
             and (ts is None or (isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts)))):
@@ -111,7 +111,7 @@ class Monitor:
         self.metrics = metrics
         self.seen = seen
         self.popularity = popularity
-        self.rmse = {kind: SlidingRMSE(rmse_window) for kind in KINDS}
+        self.rmse = {kind: SlidingRMSE(rmse_window) for kind in EXAMPLE_KINDS}
         self.drift = {
             "score": NumericDrift(drift_window),
             "item_popularity": CategoricalDrift(drift_window),
@@ -147,7 +147,7 @@ class Monitor:
                 continue
             user, item, label, kind, ts, version, anomalous = parsed
             labels.append(label)
-            if kind == "rating" or label > 0:
+            if kind == RATING or label > 0:
                 self.seen.add(user, item)
                 items.append(item)
                 users.append(user)
@@ -198,9 +198,9 @@ class Monitor:
         """Recompute every drift statistic now."""
         self._drift_at = time.monotonic()
         for signal, window in self.drift.items():
-            psi_value, ks_value = window.stats()
-            self.metrics.drift_psi.labels(signal).set(psi_value)
-            self.metrics.drift_ks.labels(signal).set(ks_value)
+            stats = window.stats()
+            self.metrics.drift_psi.labels(signal).set(stats.psi)
+            self.metrics.drift_ks.labels(signal).set(stats.ks)
 
 
 async def follow_examples(monitor: Monitor, bootstrap_servers: str, topic: str, lookback_s: float,

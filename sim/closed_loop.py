@@ -36,11 +36,23 @@ class StepStats:
     fallback: int = 0
     cold: int = 0
     model_versions: set[str] = field(default_factory=set)
+    oracle_clicks: float = 0.0
+    popularity_clicks: float = 0.0
 
     @property
     def ctr(self) -> float:
         """Clicks per shown item of the normal (non-bot) users."""
         return self.normal_clicks / self.normal_impressions if self.normal_impressions else 0.0
+
+    @property
+    def ctr_oracle(self) -> float:
+        """Expected CTR of the same requests had each got its user's truly best slate."""
+        return self.oracle_clicks / self.normal_impressions if self.normal_impressions else 0.0
+
+    @property
+    def ctr_popularity(self) -> float:
+        """Expected CTR of the same requests had each got the most clicked items so far."""
+        return self.popularity_clicks / self.normal_impressions if self.normal_impressions else 0.0
 
 
 class ClosedLoop:
@@ -62,6 +74,17 @@ class ClosedLoop:
         self.policy = policy
         self.k = k
         self._rng = np.random.default_rng(seed)
+        self._item_clicks = np.zeros(len(sim.item_ids))  # normal users' clicks: the popularity reference
+        self._item_row = {item: j for j, item in enumerate(sim.item_ids)}
+
+    def _references(self, request: Request, size: int) -> tuple[float, float]:
+        """Expected clicks of the oracle's slate and of the popularity slate for ``request``
+        (computed from the simulator's truth; they draw no random numbers, so the run is unchanged)."""
+        relevance = self.sim.ground_truth_relevance(request.user_id, request.step)
+        examination = self.sim.examination(np.arange(1, size + 1))
+        best = np.sort(relevance)[::-1][:size]
+        popular = np.argsort(-self._item_clicks, kind="stable")[:size]
+        return float(examination @ best), float(examination @ relevance[popular])
 
     def _slate(self, request: Request) -> tuple[dict | None, list[dict]]:
         query = urllib.parse.urlencode({"user_id": request.user_id, "k": self.k, "policy": self.policy,
@@ -105,5 +128,12 @@ class ClosedLoop:
             if not request.is_bot:
                 stats.normal_impressions += len(slate)
                 stats.normal_clicks += len(clicks)
+                oracle, popularity = self._references(request, len(slate))
+                stats.oracle_clicks += oracle
+                stats.popularity_clicks += popularity
+                for click in clicks:
+                    row = self._item_row.get(click.item_id)
+                    if row is not None:
+                        self._item_clicks[row] += 1
         self.producer.flush()
         return stats
