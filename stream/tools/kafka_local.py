@@ -261,8 +261,15 @@ def stop(home: Path | None = None, timeout_s: float = 60.0) -> bool:
 
 
 def _cluster_id() -> str:
-    """A KRaft cluster id: a random UUID in URL-safe base64 without padding, as kafka-storage makes."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id: a random UUID in URL-safe base64 without padding, as kafka-storage makes.
+
+    Like Kafka's own ``Uuid.randomUuid``, never one that starts with '-': kafka-storage would
+    read it as an option (about one start in 64 failed that way).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _reap(pid: int) -> None:
