@@ -65,7 +65,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sim.demo import run_demo
 
-    return run_demo(quick=args.quick, bootstrap=args.bootstrap_servers, run_dir=args.run_dir)
+    return run_demo(quick=args.quick, bootstrap=args.bootstrap_servers, run_dir=args.run_dir, seed=args.seed)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -103,4 +103,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run")
     p.add_argument("--bootstrap-servers", default=None, help="use this cluster instead of the local broker")
     p.add_argument("--run-dir", default=None, help="where logs and results go (default: runs/<timestamp>)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the simulated world, its users and their clicks (default %(default)s)")
     p.set_defaults(func=cmd_demo)

@@ -66,10 +66,11 @@ def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float) 
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | None = None) -> int:
+def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | None = None, seed: int = 0) -> int:
+    """Run the demo (module docstring); ``seed`` seeds the simulated world, its users and their clicks."""
     run = Path(run_dir or PROJECT_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    print(f"streamrec demo{' (quick)' if quick else ''}: run folder {run}", flush=True)
+    print(f"streamrec demo{' (quick)' if quick else ''}, seed {seed}: run folder {run}", flush=True)
     with ExitStack() as stack:
         bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:
@@ -98,15 +99,15 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
         _wait_ready(f"{serve_url}/healthz", procs, 120)
 
         schedule = Schedule(warmup=4, steady=10, attack=4, shift=8) if quick else Schedule(6, 30, 8, 20)
-        sim = Simulation.planted(n_users=200 if quick else 600, n_items=100 if quick else 300, seed=7,
+        sim = Simulation.planted(n_users=200 if quick else 600, n_items=100 if quick else 300, seed=seed,
                                  schedule=schedule)
         rows = []
         with EventProducer(bootstrap, topic=topics.events) as producer:
             for raw in BROKEN_MESSAGES:
                 producer.send_raw(raw, key=b"demo")
-            loop = ClosedLoop(sim, serve_url, producer, policy="epsilon_greedy", k=10, seed=7)
-            print(f"{'step':>4} {'phase':<7} {'events/s':>8} {'CTR':>6} {'served RMSE':>11} "
-                  f"{'anomalies':>9} {'max PSI':>7}  model", flush=True)
+            loop = ClosedLoop(sim, serve_url, producer, policy="epsilon_greedy", k=10, seed=seed)
+            print(f"{'step':>4} {'phase':<7} {'events/s':>8} {'CTR':>6} {'oracle':>6} {'popular':>7} "
+                  f"{'RMSE':>6} {'base':>6} {'calib':>5} {'anomalies':>9} {'alarms':<18} model", flush=True)
             for step in range(schedule.n_steps):
                 started = time.monotonic()
                 stats = loop.run_step(step)
@@ -120,9 +121,11 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
         samples = {name: scrape(f"http://127.0.0.1:{port}/metrics") for name, port in ports.items()}
         bias = _bias_comparison(quick)
         summary = _summary(rows, samples, bias)
+        checks = summary["checks"] = quality_checks(rows, schedule)
         report = write_report(run, rows, summary, bias)
-        (run / "summary.json").write_text(json.dumps({"summary": summary, "steps": rows, "bias": bias},
-                                                      indent=1, default=str))
+        (run / "summary.json").write_text(json.dumps({"summary": summary, "checks": checks, "seed": seed,
+                                                      "steps": rows, "bias": bias}, indent=1, default=str))
+        print("checks:", json.dumps(checks), flush=True)
         _print_log_summary(run, samples["worker"])
         print(f"\nreport: {report} (plots ctr.png, rmse.png, drift.png, anomalies.png beside it)", flush=True)
     return 0
@@ -137,8 +140,18 @@ def _observe(step: int, stats, ports: dict[str, int], seconds: float, rows: list
     flagged = total(worker, "streamrec_examples_flagged_anomalous_total")
     previous = rows[-1] if rows else {"events_total": 0.0, "anomalies_total": 0.0, "flagged_total": 0.0}
     versions = [v for v, value in _labelled(serving, "streamrec_model_info", "version").items() if value == 1]
+    served = {name: _labelled(serving, f"streamrec_{name}", "kind").get("click", float("nan"))
+              for name in ("served_rmse", "served_baseline_rmse")}
+    single = {name: total(serving, f"streamrec_{name}") if _has(serving, f"streamrec_{name}") else float("nan")
+              for name in ("served_logloss", "served_baseline_logloss", "served_auc", "served_calibration")}
+    alarms = sorted(signal for signal, value in _labelled(serving, "streamrec_drift_alarm", "signal").items()
+                    if value == 1)
     return {
         "step": step, "phase": stats.phase, "requests": stats.requests, "ctr": stats.ctr,
+        "ctr_oracle": stats.ctr_oracle, "ctr_popularity": stats.ctr_popularity,
+        "baseline_rmse": served["served_baseline_rmse"], "logloss": single["served_logloss"],
+        "baseline_logloss": single["served_baseline_logloss"], "auc": single["served_auc"],
+        "calibration": single["served_calibration"], "drift_alarms": alarms,
         "events_total": events, "events_per_s": (events - previous["events_total"]) / max(seconds, 1e-3),
         "anomalies_total": anomalies, "anomalies": int(anomalies - previous["anomalies_total"]),
         "flagged_total": flagged, "flagged_examples": int(flagged - previous["flagged_total"]),
@@ -149,10 +162,42 @@ def _observe(step: int, stats, ports: dict[str, int], seconds: float, rows: list
     }
 
 
+def _has(samples: dict, name: str) -> bool:
+    return any(sample == name for sample, _ in samples)
+
+
 def _print_row(r: dict) -> None:
-    psi = max(r["psi"].values(), default=float("nan"))
-    print(f"{r['step']:>4} {r['phase']:<7} {r['events_per_s']:>8.0f} {r['ctr']:>6.3f} {r['served_rmse']:>11.4f} "
-          f"{r['anomalies_total']:>9.0f} {psi:>7.3f}  {r['model_version']}", flush=True)
+    alarms = ",".join(r["drift_alarms"]) or "-"
+    print(f"{r['step']:>4} {r['phase']:<7} {r['events_per_s']:>8.0f} {r['ctr']:>6.3f} {r['ctr_oracle']:>6.3f} "
+          f"{r['ctr_popularity']:>7.3f} {r['served_rmse']:>6.3f} {r['baseline_rmse']:>6.3f} {r['calibration']:>5.2f} "
+          f"{r['anomalies_total']:>9.0f} {alarms:<18} {r['model_version']}", flush=True)
+
+
+CONCEPT_DRIFT_SIGNALS = ("loss_click", "loss_rating")
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] == r[key]]  # NaN before the first outcomes
+    return sum(values) / len(values) if values else None
+
+
+def quality_checks(rows: list[dict], schedule: Schedule) -> dict:
+    """The figures the demo's targets are read from (``summary.json`` ``checks``): steady-phase means
+    of the served click quality and its baseline, steps of the steady phase with any drift alarm,
+    steps from the start of the preference shift to the first concept-drift alarm, and the oracle's
+    and the popularity policy's CTR on the same requests."""
+    steady = [r for r in rows if r["phase"] == "steady"]
+    shift_start = schedule.start("shift")
+    delay = next((r["step"] - shift_start for r in rows if r["step"] >= shift_start
+                  and any(s in CONCEPT_DRIFT_SIGNALS for s in r["drift_alarms"])), None)
+    return {
+        "served_rmse_click": _mean(steady, "served_rmse"), "baseline_rmse_click": _mean(steady, "baseline_rmse"),
+        "served_logloss_click": _mean(steady, "logloss"), "baseline_logloss_click": _mean(steady, "baseline_logloss"),
+        "calibration_click": _mean(steady, "calibration"),
+        "drift_alarm_steps_steady": sum(bool(r["drift_alarms"]) for r in steady),
+        "concept_drift_alarm_delay_steps": delay,
+        "ctr_oracle": _mean(steady, "ctr_oracle"), "ctr_popularity": _mean(steady, "ctr_popularity"),
+    }
 
 
 def _bias_comparison(quick: bool) -> dict | None:

@@ -1,7 +1,9 @@
 """The demo's report: ``report.md`` and PNG plots of a closed-loop run, in its run folder.
 
-Plots: click-through rate and served RMSE over time, drift PSI with the preference shift marked,
-anomalies with the attack window marked. The display-bias comparison (``bench.bias``) is a table.
+Plots: click-through rate beside the oracle's and a popularity policy's on the same requests; the
+served model's click quality beside its running-CTR baseline; drift PSI with the preference shift
+and every step with a drift alarm marked; anomalies with the attack window marked. The
+display-bias comparison (``sim.bias``) is a table.
 """
 from __future__ import annotations
 
@@ -21,11 +23,15 @@ def _phase_spans(ax, phases: list[str], highlight: dict[str, str]) -> None:
 
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], phases: list[str],
-          highlight: dict[str, str]) -> None:
+          highlight: dict[str, str], marks: list[int] | None = None, mark_label: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for label, values in series.items():
-        ax.plot(range(len(values)), values, marker=".", label=label)
+        dashed = label.startswith(("oracle", "popularity", "baseline"))
+        ax.plot(range(len(values)), values, marker="" if dashed else ".", linestyle="--" if dashed else "-",
+                label=label)
     _phase_spans(ax, phases, highlight)
+    for i, step in enumerate(marks or []):
+        ax.axvline(step, color="red", linewidth=0.8, alpha=0.6, label=mark_label if i == 0 else None)
     ax.set_title(title)
     ax.set_xlabel("simulation step")
     ax.set_ylabel(ylabel)
@@ -40,14 +46,16 @@ def write_report(run: Path, rows: list[dict], summary: dict, bias: dict | None) 
     """Write the plots and ``report.md``; ``rows`` has one dict per step (see ``sim.demo``)."""
     phases = [r["phase"] for r in rows]
     shades = {"warmup": "grey", "attack": "red", "shift": "orange"}
-    _plot(run / "ctr.png", "Click-through rate of normal users (per shown item)", "CTR",
-          {"CTR": [r["ctr"] for r in rows]}, phases, shades)
-    _plot(run / "rmse.png", "Served RMSE (click probability) and the learner's prequential RMSE", "RMSE",
-          {"served": [r["served_rmse"] for r in rows], "prequential": [r["prequential_rmse"] for r in rows]},
+    _plot(run / "ctr.png", "Click-through rate of normal users (per shown item), with its references", "CTR",
+          {"CTR (online model)": [r["ctr"] for r in rows], "oracle (true best slates)": [r["ctr_oracle"] for r in rows],
+           "popularity policy": [r["ctr_popularity"] for r in rows]}, phases, shades)
+    _plot(run / "rmse.png", "Served click quality against the running-CTR baseline (lower is better)", "RMSE / log loss",
+          {"served RMSE": [r["served_rmse"] for r in rows], "baseline RMSE": [r["baseline_rmse"] for r in rows],
+           "served log loss": [r["logloss"] for r in rows], "baseline log loss": [r["baseline_logloss"] for r in rows]},
           phases, shades)
-    _plot(run / "drift.png", "Drift: population stability index (shift marked)", "PSI",
+    _plot(run / "drift.png", "Drift: population stability index (shift shaded, alarms in red)", "PSI",
           {signal: [r["psi"].get(signal, float("nan")) for r in rows] for signal in summary["psi_signals"]},
-          phases, {"shift": "orange"})
+          phases, {"shift": "orange"}, marks=[r["step"] for r in rows if r["drift_alarms"]], mark_label="drift alarm")
     _plot(run / "anomalies.png", "Anomalies (attack marked)", "per step",
           {"anomaly records": [r["anomalies"] for r in rows],
            "examples flagged anomalous": [r["flagged_examples"] for r in rows]},
@@ -57,6 +65,9 @@ def write_report(run: Path, rows: list[dict], summary: dict, bias: dict | None) 
         f"Run folder: `{run}`", "",
         "| figure | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in summary["figures"].items()), "",
+        "Served click quality beside its reference (steady phase; `summary.json` `checks`):", "",
+        "| check | value |", "|---|---|",
+        *(f"| {k} | {v if not isinstance(v, float) else round(v, 4)} |" for k, v in summary.get("checks", {}).items()), "",
         "![CTR](ctr.png)", "", "![RMSE](rmse.png)", "", "![drift](drift.png)", "", "![anomalies](anomalies.png)", "",
     ]
     if bias:
@@ -69,11 +80,14 @@ def write_report(run: Path, rows: list[dict], summary: dict, bias: dict | None) 
                       "| position | CTR ratio, random | examination estimate, bts |", "|---|---|---|",
                       *(f"| {p + 1} | {a:.3f} | {b:.3f} |" for p, (a, b) in
                         enumerate(zip(bias["obd_position_ctr_random"], bias["obd_examination_bts"]))), ""]
-    lines += ["## Per step", "", "| step | phase | requests | CTR | served RMSE | max PSI | anomalies | model |",
-              "|---|---|---|---|---|---|---|---|",
-              *(f"| {r['step']} | {r['phase']} | {r['requests']} | {r['ctr']:.4f} | {r['served_rmse']:.4f} | "
-                f"{max(r['psi'].values(), default=float('nan')):.3f} | {r['anomalies']} | {r['model_version']} |"
-                for r in rows)]
+    lines += ["## Per step", "",
+              "| step | phase | requests | CTR | oracle CTR | popularity CTR | served RMSE | baseline RMSE | "
+              "calibration | drift alarms | anomalies | model |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|",
+              *(f"| {r['step']} | {r['phase']} | {r['requests']} | {r['ctr']:.4f} | {r['ctr_oracle']:.4f} | "
+                f"{r['ctr_popularity']:.4f} | {r['served_rmse']:.4f} | {r['baseline_rmse']:.4f} | "
+                f"{r['calibration']:.2f} | {', '.join(r['drift_alarms']) or '-'} | {r['anomalies']} | "
+                f"{r['model_version']} |" for r in rows)]
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
