@@ -1,9 +1,9 @@
 """The anomaly detector's checkpoint: its learned state in a folder, with a sha256 manifest.
 
-A worker that restarts must not start blind (cold forests and thresholds raise no alarm for
-their first ``warmup`` scorings), so it saves the detector's learned state: both forests
-(``RandomCutForest.save``, .npz without pickle), both thresholds, the flagged users and when
-each entity was last scored. The windows come back from the log instead (``stream.anomaly.detector``).
+A worker that restarts must not start blind (cold forests and likelihoods raise no alarm for
+their first scorings), so it saves the detector's learned state: both forests
+(``RandomCutForest.save``, .npz without pickle), both anomaly likelihoods, the flagged users and
+when each entity was last scored. The windows come back from the log instead (``stream.anomaly.detector``).
 
 A checkpoint is a folder: one file per part under a fresh name, each written to a temporary
 file and renamed, then ``manifest.json`` (replaced atomically, so it is the commit point) naming
@@ -22,10 +22,10 @@ from typing import Any
 
 from stream.anomaly.features import KINDS
 from stream.anomaly.forest import RandomCutForest
-from stream.anomaly.thresholds import AdaptiveThreshold
+from stream.anomaly.likelihood import AnomalyLikelihood
 from stream.files import atomic_write, sha256_file
 
-CHECKPOINT_FORMAT = "streamrec.detector/1"
+CHECKPOINT_FORMAT = "streamrec.detector/2"  # 2: likelihoods instead of thresholds
 MANIFEST = "manifest.json"
 # Files of a checkpoint folder that its manifest does not name are removed once they are this old:
 # younger ones may belong to a save in progress (in another worker, when workers share the folder).
@@ -39,7 +39,7 @@ class DetectorSnapshot:
 
     params: dict[str, Any]
     forests: dict[str, RandomCutForest]
-    thresholds: dict[str, dict[str, Any]]
+    likelihoods: dict[str, dict[str, Any]]  # kind -> AnomalyLikelihood.state()
     flagged: list[str]
     scored: dict[str, dict[str, float]]  # kind -> entity -> event time of its latest score
 
@@ -54,7 +54,7 @@ class DetectorSnapshot:
             names[f"forest-{kind}"] = name = f"forest-{kind}-{tag}.npz"
             forest.save(directory / name)
         names["state"] = f"state-{tag}.json"
-        state = {"thresholds": self.thresholds, "flagged": self.flagged, "scored": self.scored}
+        state = {"likelihoods": self.likelihoods, "flagged": self.flagged, "scored": self.scored}
         _write_json(directory / names["state"], state)
         manifest = {
             "format": CHECKPOINT_FORMAT,
@@ -75,8 +75,8 @@ def _write_json(path: Path, value: Any, indent: int | None = None) -> None:
 
 
 def read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
-        dict[str, RandomCutForest], dict[str, AdaptiveThreshold], list[str], dict[str, dict[str, float]]]:
-    """A checkpoint's forests, thresholds, flagged users and scoring times, once its format,
+        dict[str, RandomCutForest], dict[str, AnomalyLikelihood], list[str], dict[str, dict[str, float]]]:
+    """A checkpoint's forests, likelihoods, flagged users and scoring times, once its format,
     settings and hashes check out."""
     manifest = json.loads((directory / MANIFEST).read_text())
     if manifest.get("format") != CHECKPOINT_FORMAT:
@@ -97,7 +97,7 @@ def read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
         paths[role] = path
     forests = {kind: RandomCutForest.load(paths[f"forest-{kind}"]) for kind in KINDS}
     state = json.loads(paths["state"].read_text())
-    thresholds = {kind: AdaptiveThreshold.from_state(state["thresholds"][kind]) for kind in KINDS}
+    likelihoods = {kind: AnomalyLikelihood.from_state(state["likelihoods"][kind]) for kind in KINDS}
     flagged = [str(user) for user in state["flagged"]]
     scored = {kind: {str(key): float(ts) for key, ts in state["scored"][kind].items()} for kind in KINDS}
-    return forests, thresholds, flagged, scored
+    return forests, likelihoods, flagged, scored

@@ -3,16 +3,18 @@
 Bots, click floods and broken clients poison online learning within minutes. The detector
 keeps window features per entity as validated events arrive (``stream.anomaly.features``),
 scores each active entity at most once per ``score_every_s`` of event time with one
-``RandomCutForest`` per entity kind, turns scores into grades with an ``AdaptiveThreshold``, and
-remembers which users are currently flagged so that the stream can mark their examples
-``anomalous=True``. Records it returns follow the ``anomalies`` topic contract:
-``{entity, kind, score, grade, features, ts}``.
+``RandomCutForest`` per entity kind, turns scores into anomaly likelihoods with one
+``AnomalyLikelihood`` per kind (the layer ``score_series`` puts after its forest), raises an alarm
+where the likelihood passes a threshold stated as a false-alarm rate, and remembers which users
+are currently flagged so that the stream can mark their examples ``anomalous=True``. Records it
+returns follow the ``anomalies`` topic contract: ``{entity, kind, score, grade, features, ts}``
+(``score`` the forest's raw score, ``grade`` the anomaly likelihood on NAB's log scale).
 
 Pure logic: no Faust or Kafka here; the Faust agent feeds ``AnomalyDetector.observe_batch``.
 
 Restarts. A worker that restarts (crash or deploy) must not start blind: cold forests and
-thresholds in warm-up raise no alarm for the first ``warmup`` scorings per kind. So the state
-comes back from two sources:
+likelihoods in warm-up raise no alarm for the first ``warmup + estimation_samples`` scorings per
+kind. So the state comes back from two sources:
 
 * the windows from the Parquet log (``warm_windows``, fed by ``IngestPipeline.restore``): the
   events of the last ``idle_s`` seconds, observed again in time order but not scored. An entity
@@ -23,7 +25,7 @@ comes back from two sources:
   ``load_checkpoint``; the folder format is in ``stream.anomaly.checkpoint``). The worker saves
   one after a log flush, at most once per ``detector_checkpoint_interval_s``, and at a clean
   stop. The detector has then seen batches whose offsets are not committed yet; after a crash
-  Kafka delivers them again and the forests and thresholds learn them a second time. That is a
+  Kafka delivers them again and the forests and likelihoods learn them a second time. That is a
   small drift of models that follow a long stream anyway, and the reason the windows come from
   the log instead. A missing, corrupt or mismatching checkpoint is logged and the detector
   starts cold, without failing.
@@ -46,8 +48,9 @@ from stream.anomaly.features import (
     ITEM_FEATURES, KINDS, USER_FEATURES, EntityWindows, ItemWindow, UserWindow,
 )
 from stream.anomaly.forest import RandomCutForest
-from stream.anomaly.thresholds import AdaptiveThreshold
+from stream.anomaly.likelihood import AnomalyLikelihood, log_likelihood
 
+FALSE_ALARM_RATE = 1e-5  # Numenta's red zone (likelihood 0.99999); measurements: docs/anomaly.md
 SWEEP_FRACTION = 0.25  # idle entities are looked for every this fraction of idle_s (event time)
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,29 @@ class AnomalyDetector:
         x_e     = log(1 + features(e))                  (elementwise; ``USER_FEATURES`` or
                                                           ``ITEM_FEATURES``)
         score_e = mean_trees E[ CoDisp(x_e) ]           (``RandomCutForest`` of kind k)
-        grade_e = grade of score_e                      (``AdaptiveThreshold`` of kind k)
+        q_e     = Q((log(1 + score_e) - mu_k) / sd_k)   (``AnomalyLikelihood`` of kind k: mu_k,
+                                                          sd_k of the kind's last ``long_window``
+                                                          log-scores before e's, refitted every
+                                                          100; likelihood 1 - q_e)
+        alarm_e = q_e <= false_alarm_rate
+        grade_e = log(q_e + 1e-10) / log(1e-10) if alarm_e, else 0   (NAB's log scale)
+
+    The likelihood is the layer of ``score_series`` over the stream of scores of all entities
+    of a kind, one per kind (per entity it would cost a long window per user), with two
+    settings of its own: a short window of 1, because consecutive scores belong to different
+    entities (a mean over them would blend a bot into its neighbours; each vector already
+    summarises its entity's window), and no red-zone filter, for the same reason (a run of red
+    scores is several entities, each to be flagged). ``false_alarm_rate`` is then the share of
+    a kind's scorings flagged if its log-scores were Gaussian; forest log-scores have a heavier
+    right tail, so the measured share is higher (docs/anomaly.md).
 
     A batch's vectors are scored together against the forest before any is learned, and only
-    the vectors graded 0 are then inserted, so anomalous traffic never becomes the forest's
-    normal. A user is flagged from a score with grade > 0 until it is scored with grade 0
+    the vectors without alarm are then inserted, so anomalous traffic never becomes the forest's
+    normal. A user is flagged from a score with an alarm until it is scored without one
     again or goes idle for ``idle_s`` seconds; idle entities' windows are dropped within
-    1.25 * idle_s. Every score with grade > 0 becomes an ``anomalies`` record.
+    1.25 * idle_s. Every alarm becomes an ``anomalies`` record: ``score`` the raw forest score,
+    ``grade`` in (0, 1] the likelihood on NAB's log scale (0.5 for q = 1e-5, 1 for q <= 1e-10),
+    at least ``log_likelihood(false_alarm_rate)``.
 
     Parameters
     ----------
@@ -85,16 +104,23 @@ class AnomalyDetector:
     num_trees, sample_size, seed
         Of the forests (one per kind, seeded ``seed`` and ``seed + 1``; shingle size 1: each
         vector already summarises a window).
-    z, horizon, warmup
-        Of the thresholds (see ``AdaptiveThreshold``). z is 4 rather than the thresholder's 3
-        because every entity is scored again and again, so per-score false alarms add up per user.
+    false_alarm_rate
+        The tail probability q at or below which a score raises an alarm (Gaussian share of
+        scorings flagged; see above). Small because every entity is scored again and again,
+        so per-score false alarms add up per user.
+    long_window, warmup, estimation_samples
+        Of the likelihoods (``AnomalyLikelihood``'s ``long_window``, ``learning_period`` and
+        ``estimation_samples``): no alarm during a kind's first ``warmup + estimation_samples``
+        scorings (``warmup`` defaults to one forest sample).
 
     Attributes
     ----------
     windows
         The ``EntityWindows`` (``windows.users``, ``windows.items``).
-    forests, thresholds
-        The ``RandomCutForest`` and ``AdaptiveThreshold`` of each kind, keyed ``"user"``, ``"item"``.
+    forests, likelihoods
+        The ``RandomCutForest`` and ``AnomalyLikelihood`` of each kind, keyed ``"user"``, ``"item"``.
+    alarm_level
+        ``log_likelihood(false_alarm_rate)``: the least grade of an alarm.
     params
         The settings, as JSON gives them back; a checkpoint must match them.
     last_scores
@@ -119,6 +145,8 @@ class AnomalyDetector:
 
     References
     ----------
+    Ahmad, S., Lavin, A., Purdy, S., Agha, Z. (2017). Unsupervised real-time anomaly detection
+    for streaming data. Neurocomputing 262, 134-147.
     Guha, S., Mishra, N., Roy, G., Schrijvers, O. (2016). Robust Random Cut Forest Based Anomaly
     Detection on Streams. ICML 2016, PMLR 48:2712-2721.
     AWS, randomcutforest-by-aws: https://github.com/aws/random-cut-forest-by-aws
@@ -126,7 +154,8 @@ class AnomalyDetector:
 
     def __init__(self, window_s: float = 600.0, score_every_s: float = 60.0, min_events: int = 5,
                  idle_s: float | None = None, num_trees: int = 50, sample_size: int = 256,
-                 z: float = 4.0, horizon: int = 1000, warmup: int = 256, seed: int = 0) -> None:
+                 false_alarm_rate: float = FALSE_ALARM_RATE, long_window: int = 8640, warmup: int = 256,
+                 estimation_samples: int = 100, seed: int = 0) -> None:
         if not (math.isfinite(score_every_s) and score_every_s >= 0):
             raise ValueError(f"score_every_s must be a finite number >= 0, got {score_every_s!r}")
         if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
@@ -134,19 +163,24 @@ class AnomalyDetector:
         idle_s = 3.0 * window_s if idle_s is None else idle_s
         if not (math.isfinite(idle_s) and idle_s > 0):
             raise ValueError(f"idle_s must be a finite number > 0, got {idle_s!r}")
+        if not 0.0 < false_alarm_rate < 0.5:  # q = 0.5 is the layer's warm-up value
+            raise ValueError(f"false_alarm_rate must lie in (0, 0.5), got {false_alarm_rate!r}")
         self.windows = EntityWindows(window_s)
         self.score_every_s = float(score_every_s)
         self.min_events = min_events
         self.idle_s = float(idle_s)
         self.forests = {kind: RandomCutForest(num_trees, sample_size, 1, None, seed + k)
                         for k, kind in enumerate(KINDS)}
-        self.thresholds = {kind: AdaptiveThreshold(z, horizon, warmup) for kind in KINDS}
+        self.likelihoods = {kind: AnomalyLikelihood(1, long_window, warmup, estimation_samples, red_zone=None)
+                            for kind in KINDS}
+        self.alarm_level = float(log_likelihood(false_alarm_rate))
         # The settings a checkpoint must match (as JSON gives them back).
         self.params: dict[str, Any] = {
             "window_s": self.windows.window_s, "score_every_s": self.score_every_s,
             "min_events": min_events, "idle_s": self.idle_s, "num_trees": int(num_trees),
-            "sample_size": int(sample_size), "z": float(z), "horizon": int(horizon),
-            "warmup": int(warmup), "seed": int(seed),
+            "sample_size": int(sample_size), "false_alarm_rate": float(false_alarm_rate),
+            "long_window": int(long_window), "warmup": int(warmup),
+            "estimation_samples": int(estimation_samples), "seed": int(seed),
         }
         self.last_scores = {kind: np.empty(0) for kind in KINDS}
         self._flagged: set[str] = set()
@@ -197,7 +231,7 @@ class AnomalyDetector:
         return DetectorSnapshot(
             params=dict(self.params),
             forests={kind: copy.deepcopy(forest) for kind, forest in self.forests.items()},
-            thresholds={kind: threshold.state() for kind, threshold in self.thresholds.items()},
+            likelihoods={kind: likelihood.state() for kind, likelihood in self.likelihoods.items()},
             flagged=sorted(self._flagged),
             scored={"user": _scored(self.windows.users), "item": _scored(self.windows.items)},
         )
@@ -216,11 +250,11 @@ class AnomalyDetector:
             log.log(level, "no detector checkpoint in %s: starting cold", directory)
             return False
         try:
-            forests, thresholds, flagged, scored = read_checkpoint(directory, self.params)
+            forests, likelihoods, flagged, scored = read_checkpoint(directory, self.params)
         except Exception as err:  # noqa: BLE001 (whatever is wrong with it, the worker starts cold)
             log.warning("detector checkpoint in %s not used (%s: %s): starting cold", directory, type(err).__name__, err)
             return False
-        self.forests, self.thresholds = forests, thresholds
+        self.forests, self.likelihoods = forests, likelihoods
         for kind, table in (("user", self.windows.users), ("item", self.windows.items)):
             for key, scored_ts in scored[kind].items():
                 entity = table.get(key)
@@ -231,14 +265,15 @@ class AnomalyDetector:
 
     def describe(self) -> str:
         """What the detector holds, for the start-up log."""
-        def warm(threshold: AdaptiveThreshold) -> str:
-            if threshold.n >= threshold.warmup:
+        def warm(likelihood: AnomalyLikelihood) -> str:
+            needed = likelihood.learning_period + likelihood.estimation_samples
+            if likelihood.n_seen >= needed:
                 return "past warm-up"
-            return f"in warm-up ({threshold.n}/{threshold.warmup})"
+            return f"in warm-up ({likelihood.n_seen}/{needed})"
 
         return (f"{len(self.windows.users)} users / {len(self.windows.items)} items in windows, "
                 f"forests with {self.forests['user'].n_points} / {self.forests['item'].n_points} points, "
-                f"thresholds {warm(self.thresholds['user'])} / {warm(self.thresholds['item'])} (user / item), "
+                f"likelihoods {warm(self.likelihoods['user'])} / {warm(self.likelihoods['item'])} (user / item), "
                 f"{len(self._flagged)} users flagged")
 
     def _score(self, kind: str, touched: dict[str, None],
@@ -257,7 +292,8 @@ class AnomalyDetector:
         features = [features_of(key) for key in due]
         x = np.log1p(np.array([[f[name] for name in names] for f in features]))
         scores = self.last_scores[kind] = self.forests[kind].score(x)
-        grades = self.thresholds[kind].update(scores)
+        likelihood = self.likelihoods[kind].update(scores)
+        grades = np.where(likelihood >= self.alarm_level, likelihood, 0.0)
         self.forests[kind].update(x[grades == 0])
         records = []
         for key, feats, score, grade in zip(due, features, scores.tolist(), grades.tolist()):

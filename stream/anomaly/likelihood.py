@@ -10,6 +10,8 @@ forest; the compiled loop is here because it is this layer's only hot path.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -61,7 +63,9 @@ class AnomalyLikelihood:
         Floor of the fitted standard deviation (in the units of v), so that a stream whose
         scores were constant does not turn its first small blip into a certain anomaly.
     red_zone, yellow_zone
-        The filter described above (Numenta: 0.99999 and 0.999).
+        The filter described above (Numenta: 0.99999 and 0.999). ``red_zone=None`` turns it
+        off: every score keeps its tail probability. That is for a stream whose consecutive
+        scores belong to different entities (``AnomalyDetector``), where a "run" is no anomaly.
     log_scores
         Fit the Gaussian to log(1 + score) rather than to the raw score.
 
@@ -94,7 +98,7 @@ class AnomalyLikelihood:
     def __init__(self, short_window: int = 10, long_window: int = 8640,
                  learning_period: int = 256, estimation_samples: int = 100,
                  reestimation_period: int = 100, min_std: float = 0.05,
-                 red_zone: float = 0.99999, yellow_zone: float = 0.999,
+                 red_zone: float | None = 0.99999, yellow_zone: float = 0.999,
                  log_scores: bool = True) -> None:
         for name, value, low in (("short_window", short_window, 1), ("long_window", long_window, 2),
                                  ("learning_period", learning_period, 0),
@@ -106,7 +110,7 @@ class AnomalyLikelihood:
             raise ValueError(f"estimation_samples ({estimation_samples}) exceeds long_window ({long_window})")
         if not (np.isfinite(min_std) and min_std > 0):
             raise ValueError(f"min_std must be a finite number > 0, got {min_std!r}")
-        if not 0.0 < yellow_zone <= red_zone < 1.0:
+        if not 0.0 < yellow_zone <= (yellow_zone if red_zone is None else red_zone) < 1.0:
             raise ValueError(f"need 0 < yellow_zone <= red_zone < 1, got {yellow_zone!r}, {red_zone!r}")
         self.short_window = int(short_window)
         self.long_window = int(long_window)
@@ -114,7 +118,7 @@ class AnomalyLikelihood:
         self.estimation_samples = int(estimation_samples)
         self.reestimation_period = int(reestimation_period)
         self.min_std = float(min_std)
-        self.red_zone = float(red_zone)
+        self.red_zone = None if red_zone is None else float(red_zone)
         self.yellow_zone = float(yellow_zone)
         self.log_scores = bool(log_scores)
         self._short = np.zeros(self.short_window)
@@ -126,6 +130,35 @@ class AnomalyLikelihood:
     def n_seen(self) -> int:
         return int(self._counters[_SEEN])
 
+    def state(self) -> dict[str, Any]:
+        """Parameters and learned state as JSON-serialisable values (``from_state`` rebuilds it)."""
+        return {"params": {"short_window": self.short_window, "long_window": self.long_window,
+                           "learning_period": self.learning_period,
+                           "estimation_samples": self.estimation_samples,
+                           "reestimation_period": self.reestimation_period, "min_std": self.min_std,
+                           "red_zone": self.red_zone, "yellow_zone": self.yellow_zone,
+                           "log_scores": self.log_scores},
+                "short": self._short.tolist(), "long": self._long.tolist(),
+                "counters": self._counters.tolist(), "stats": self._stats.tolist()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> AnomalyLikelihood:
+        """The layer ``state()`` described: it scores the next scores as the original would."""
+        layer = cls(**state["params"])
+        for name, size in (("short", layer.short_window), ("long", layer.long_window),
+                           ("counters", 7), ("stats", 3)):
+            values = np.asarray(state[name], dtype=np.float64)
+            if values.shape != (size,) or not np.isfinite(values).all():
+                raise ValueError(f"{name} must hold {size} finite numbers")
+        counters = np.asarray(state["counters"], dtype=np.float64)
+        if (counters < 0).any() or (counters != np.round(counters)).any():
+            raise ValueError("counters must be integers >= 0")
+        layer._short[:] = state["short"]
+        layer._long[:] = state["long"]
+        layer._counters[:] = counters.astype(np.int64)
+        layer._stats[:] = state["stats"]
+        return layer
+
     def update(self, scores: np.ndarray, log: bool = True) -> np.ndarray:
         """Take raw scores (>= 0) in order; return one log-likelihood (or, with ``log=False``,
         likelihood) per score, each computed before its score is learned."""
@@ -133,8 +166,9 @@ class AnomalyLikelihood:
         if not np.isfinite(x).all():
             raise ValueError(f"scores must be finite: score {int(np.argmin(np.isfinite(x)))} is not")
         tails = np.empty(len(x))
+        red = -1.0 if self.red_zone is None else 1.0 - self.red_zone  # -1: no tail is red
         _likelihood_pass(x, self.log_scores, self.learning_period, self.estimation_samples,
-                         self.reestimation_period, self.min_std, 1.0 - self.red_zone,
+                         self.reestimation_period, self.min_std, red,
                          1.0 - self.yellow_zone, self._short, self._long, self._counters,
                          self._stats, tails)
         return log_likelihood(tails) if log else 1.0 - tails

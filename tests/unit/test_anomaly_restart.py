@@ -1,5 +1,5 @@
 """The anomaly detector survives a worker restart: its windows come back from the Parquet log, its
-forests, thresholds, flags and scoring times from a checkpoint; a bad checkpoint means a cold
+forests, likelihoods, flags and scoring times from a checkpoint; a bad checkpoint means a cold
 start with a warning, never a crash. No Kafka here: pipelines and logs are driven directly."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stream import events as ev
-from stream.anomaly import AdaptiveThreshold, AnomalyDetector
+from stream.anomaly import AdaptiveThreshold, AnomalyDetector, AnomalyLikelihood
 from stream.anomaly import checkpoint as checkpoint_mod
 from stream.anomaly.checkpoint import MANIFEST
 from stream.worker.app import create_worker
@@ -76,7 +76,7 @@ def restarted(log: ParquetLog, detector: AnomalyDetector | None = None) -> Inges
 
 def is_cold(detector: AnomalyDetector) -> bool:
     return (all(forest.n_points == 0 for forest in detector.forests.values())
-            and all(threshold.n == 0 for threshold in detector.thresholds.values()))
+            and all(likelihood.n_seen == 0 for likelihood in detector.likelihoods.values()))
 
 
 # -- windows from the log -------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_checkpoint_and_log_restore_continue_exactly_like_an_uninterrupted_detec
     assert records["live"][0][1].count(("bot", True)) > 0  # its examples at once after the restart
     assert records["cold"] != records["live"]
     for kind in ("user", "item"):
-        assert warm.detector.thresholds[kind].state() == live.detector.thresholds[kind].state()
+        assert warm.detector.likelihoods[kind].state() == live.detector.likelihoods[kind].state()
         assert warm.detector.forests[kind].n_points == live.detector.forests[kind].n_points
 
 
@@ -160,6 +160,27 @@ def test_threshold_from_state_rejects_bad_values(change):
     state = dict(AdaptiveThreshold().state(), **change)
     with pytest.raises(ValueError):
         AdaptiveThreshold.from_state(state)
+
+
+@pytest.mark.parametrize("red_zone", [0.99999, None])
+def test_likelihood_state_round_trips_through_json(red_zone):
+    """A likelihood rebuilt from its JSON state scores the next scores exactly like the original
+    (mid-way through its long window, between two refits)."""
+    scores = np.random.default_rng(2).gamma(4.0, 0.5, 1500)
+    scores[1200:1203] = 60.0
+    original = AnomalyLikelihood(1, 500, 50, 40, red_zone=red_zone)
+    original.update(scores[:1150])
+    copy = AnomalyLikelihood.from_state(json.loads(json.dumps(original.state())))
+    np.testing.assert_array_equal(copy.update(scores[1150:]), original.update(scores[1150:]))
+    assert copy.state() == original.state()
+
+
+@pytest.mark.parametrize("change", [{"long": [0.0]}, {"counters": [-1, 0, 0, 0, 0, 0, 0]},
+                                    {"stats": [0.0, float("nan"), 0.0]}])
+def test_likelihood_from_state_rejects_bad_values(change):
+    state = dict(AnomalyLikelihood().state(), **change)
+    with pytest.raises(ValueError):
+        AnomalyLikelihood.from_state(state)
 
 
 def test_saves_replace_the_checkpoint_and_drop_old_files(first_run, tmp_path, monkeypatch):
@@ -215,7 +236,8 @@ def test_damaged_checkpoint_means_a_cold_start_with_a_warning(first_run, tmp_pat
     pipeline.process(batches(traffic(200.0, bot=(0.0, 0.0), seed=5), start=10**6)[0])  # and it runs on
 
 
-@pytest.mark.parametrize("setting", [{"num_trees": 20}, {"z": 3.0}, {"window_s": 300.0}, {"warmup": 10}])
+@pytest.mark.parametrize("setting", [{"num_trees": 20}, {"false_alarm_rate": 1e-4}, {"window_s": 300.0},
+                                     {"warmup": 10}, {"long_window": 1000}])
 def test_checkpoint_of_other_settings_means_a_cold_start_naming_the_difference(first_run, tmp_path, caplog, setting):
     live, log = first_run
     live.detector.snapshot().save(tmp_path / "ckpt")
@@ -277,4 +299,4 @@ def test_worker_checkpoints_on_flush_at_most_once_per_interval_and_restores_at_s
                for r in caplog.records)
     assert detector.flagged_users == live.detector.flagged_users
     for kind in ("user", "item"):
-        assert detector.thresholds[kind].state() == live.detector.thresholds[kind].state()
+        assert detector.likelihoods[kind].state() == live.detector.likelihoods[kind].state()

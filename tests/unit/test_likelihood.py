@@ -65,6 +65,18 @@ def test_a_burst_of_high_scores_stands_out_and_raises_one_red_alarm() -> None:
     np.testing.assert_allclose(later[later > 0.2], log_likelihood(np.array([1e-3]))[0])
 
 
+def test_without_the_red_zone_filter_every_red_score_keeps_its_tail() -> None:
+    """red_zone=None (the detector's setting, where consecutive scores are different entities):
+    each score of a long anomaly is reported red on its own."""
+    scores = lognormal_scores(4000)
+    scores[3000:3040] = np.expm1(3.0 + 8.0)  # 8 deviations above the usual log-score
+    filtered = AnomalyLikelihood(short_window=1).update(scores)
+    out = AnomalyLikelihood(short_window=1, red_zone=None).update(scores)
+    assert np.count_nonzero(filtered[3000:3040] >= 0.5) == 1
+    assert np.all(out[3000:3040] >= 0.5)
+    np.testing.assert_array_equal(out[:3000] >= 0.5, filtered[:3000] >= 0.5)
+
+
 def test_only_scores_above_the_usual_count_as_anomalous() -> None:
     scores = lognormal_scores(4000)
     scores[3000:3100] = 0.0  # a quiet spell: far below the usual
