@@ -49,7 +49,7 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
     settings.topic_prefix = args.topic_prefix
     for name in ("partitions", "batch_size", "batch_timeout_s", "log_flush_rows", "log_flush_interval_s",
                  "dedupe_window_s", "attribution_window_s", "idle_grace_s", "max_future_s",
-                 "detector_checkpoint_interval_s",
+                 "detector_checkpoint_interval_s", "worker_id",
                  "web_port", "web_host"):
         value = getattr(args, name, None)
         if value is not None:
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-checkpoint-interval-s", type=float, default=None,
                    help=f"save the anomaly detector's state after a log write at most this often "
                         f"(default {defaults.detector_checkpoint_interval_s:g}; always at a clean stop)")
+    p.add_argument("--worker-id", default=None,
+                   help="this worker's stable id in the ingest consumer group, unique per live worker and kept "
+                        "across restarts: a restarted worker then rejoins at once as the same static member "
+                        "(default $STREAMREC_WORKER_ID; empty: a dynamic member)")
     p.add_argument("--web-host", default=None, help=f"address of the /metrics server (default {defaults.web_host})")
     p.add_argument("--web-port", type=int, default=None, help=f"port of the /metrics server, 0 to disable (default {defaults.web_port})")
     p.add_argument("--no-anomaly", action="store_true", help="do not score traffic for anomalies")

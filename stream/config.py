@@ -60,5 +60,11 @@ class StreamSettings:
     # (seconds), and at a clean stop (stream.anomaly, "Restarts").
     detector_checkpoint_interval_s: float = field(
         default_factory=lambda: env_float("DETECTOR_CHECKPOINT_INTERVAL_S", 60.0))
+    # This worker's stable identity in the ingest consumer group: with one, a restarted worker
+    # rejoins as the same static member (KIP-345) and consumes at once instead of waiting for the
+    # killed process's session to time out. Unique per live worker (the broker fences the older
+    # of two with one id), kept across restarts; empty: a dynamic member. Environment variables in
+    # it are expanded, so compose can pass each container's $HOSTNAME (docs/worker.md).
+    worker_id: str = field(default_factory=lambda: os.path.expandvars(env("WORKER_ID", "")))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("WORKER_WEB_PORT", 6066))

@@ -16,6 +16,13 @@ once per ``detector_checkpoint_interval_s``, and at a clean stop (see ``stream.a
 The steps overlap where that is safe: the next batch is processed while Kafka acknowledges the
 last one's output, and a flush encodes its files in a thread while batches go on. One flush is in
 flight at a time, so offsets are committed in order.
+
+Restarts are quick: Faust here only serves /metrics and runs the idle timer, so its own Kafka
+consumer (and with it its consumer group and its "Recovery" phase, which waited out the killed
+process's 60 s session before a restarted worker consumed anything) is not started; and with a
+worker id (``STREAMREC_WORKER_ID``) the ingest consumer is a static group member (KIP-345), which a
+restarted process with the same id replaces at once, keeping its partitions. Measurements:
+docs/worker.md.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
+from faust.app import BootStrategy
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer
 from mode import Service
@@ -144,13 +152,17 @@ class IngestService(Service):
             w.topics.events,
             bootstrap_servers=w.settings.bootstrap_servers,
             group_id=w.group_id,
+            # Static membership when the worker has an id: a restart rejoins as the same member
+            # instead of waiting for the killed one's session (10 s) to time out.
+            group_instance_id=w.settings.worker_id or None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
         )
         await self._consumer.start()
-        log.info("consuming %s as group %s", w.topics.events, w.group_id)
+        log.info("consuming %s as group %s, %s", w.topics.events, w.group_id,
+                 f"static member {w.settings.worker_id}" if w.settings.worker_id else "dynamic member")
 
     async def on_stop(self) -> None:
         if self._consuming:
@@ -223,6 +235,8 @@ def create_worker(
     settings = settings or StreamSettings()
     if not settings.bootstrap_servers:
         raise ValueError("no Kafka cluster: set KAFKA_BOOTSTRAP_SERVERS or pass --bootstrap-servers")
+    if "$" in settings.worker_id:  # an unset variable would give every replica the same id
+        raise ValueError(f"the worker id {settings.worker_id!r} names an unset environment variable")
     topics = Topics(settings.topic_prefix)
     pipeline = IngestPipeline(
         dedupe_window_s=settings.dedupe_window_s,
@@ -252,17 +266,18 @@ def create_worker(
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.topic_prefix + app_id,
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="memory://",
         datadir=str(datadir),
-        topic_partitions=settings.partitions,
-        consumer_auto_offset_reset="earliest",
         web_enabled=settings.web_port > 0,
         web_bind=settings.web_host,
         web_port=max(settings.web_port, 1),
         web_in_thread=False,
     )
+    # The app consumes and produces nothing through Faust (the ingest service has its own
+    # consumer and producer): without Faust's consumer there is no Faust consumer group whose
+    # rebalance ("Recovery") holds back the services and timers at every start.
+    app.boot_strategy = BootStrategy(app, enable_kafka=False)
     worker.app = app
+
     @app.service
     class _Ingest(IngestService):
         pass

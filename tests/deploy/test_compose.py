@@ -325,3 +325,16 @@ def test_dashboard_is_well_formed():
             assert panel["targets"], panel["title"]
             for target in panel["targets"]:
                 assert target["refId"] and target["expr"].strip(), panel["title"]
+
+
+def test_each_worker_replica_has_its_own_stable_identity(monkeypatch: pytest.MonkeyPatch):
+    """The workers' id comes from each container's hostname (unique per replica, kept across the
+    restart policy's restarts), never a constant that would make replicas fence each other."""
+    from stream.config import StreamSettings
+
+    value = _services()["worker"]["environment"]["STREAMREC_WORKER_ID"]
+    in_container = value.replace("$$", "$")  # what Compose hands the container
+    assert in_container == "${HOSTNAME}", value
+    monkeypatch.setenv("HOSTNAME", "3f2a9c1d7b4e")
+    monkeypatch.setenv("STREAMREC_WORKER_ID", in_container)
+    assert StreamSettings().worker_id == "3f2a9c1d7b4e"
