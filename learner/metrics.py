@@ -13,7 +13,13 @@ from prometheus_client import Counter, Gauge, Histogram
 EXAMPLES_SEEN = Counter("streamrec_learner_examples", "Examples the learner trained on.", ["kind"])
 SKIPPED = Counter("streamrec_learner_skipped", "Examples the learner did not train on, by reason.", ["reason"])
 RMSE = Gauge("streamrec_prequential_rmse", "RMSE of the learner's predictions made before training "
-             "(sliding window; clicks: error of the click probability).", ["kind"])
+             "(sliding window; clicks: error of the calibrated click probability at the shown position).", ["kind"])
+BASELINE_RMSE = Gauge("streamrec_prequential_baseline_rmse", "RMSE of the running mean (mean rating, running "
+                      "CTR) on the same outcomes as streamrec_prequential_rmse.", ["kind"])
+LOGLOSS = Gauge("streamrec_prequential_logloss", "Log loss of the learner's calibrated click probability at the "
+                "shown position, predicted before training (sliding window).")
+BASELINE_LOGLOSS = Gauge("streamrec_prequential_baseline_logloss", "Log loss of the running CTR on the same click "
+                         "outcomes.")
 BATCH_SECONDS = Histogram("streamrec_learner_batch_seconds", "Wall time of one training micro-batch.",
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 PUBLISH_TS = Gauge("streamrec_model_publish_timestamp_seconds", "When the learner last published a delta.")

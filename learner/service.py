@@ -5,7 +5,13 @@ The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batc
 1. poll ``examples`` (``stream.examples.Example``); drop examples flagged ``anomalous`` (counted)
    and malformed ones (logged);
 2. predict-then-train per kind (``learn_batch`` returns the scores made before the update), which
-   gives the prequential RMSE exported as ``streamrec_prequential_rmse{kind}``;
+   gives the prequential figures beside their running-mean baselines
+   (``streamrec_prequential_rmse{kind}``, ``streamrec_prequential_baseline_rmse{kind}``, and the
+   click log loss pair). For clicks the figure is of the probability at the shown position, from a
+   ``PositionCalibration`` fitted (unweighted) on the same clicks, predict-then-train; its state
+   goes out with every delta and snapshot and into the checkpoint (the fitted parameters are
+   restored; its window of outcomes refills after a restart). Ranking keeps the position-free
+   attractiveness;
 3. every ``publish_interval_s``: the rows touched since the last publish go out as a delta on
    ``model.updates``; every ``snapshot_interval_s``: a checksummed snapshot goes to the model
    store and its manifest onto ``model.updates`` (format: ``learner/PUBLISHING.md``);
@@ -25,7 +31,6 @@ import os
 import shutil
 import signal
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -33,28 +38,17 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import start_http_server
 
-from learner.metrics import BATCH_SECONDS, EXAMPLES_SEEN, PUBLISH_TS, RMSE, SKIPPED
+from learner.calibration import PositionCalibration
+from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, EXAMPLES_SEEN, LOGLOSS, PUBLISH_TS,
+                             RMSE, SKIPPED)
 from learner.online_mf import OnlineMF
+from learner.prequential import PrequentialQuality
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
 from stream.examples import CLICK, EXAMPLE_KINDS, Example
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-class SlidingRMSE:
-    """Root mean squared error over the last ``window`` errors."""
-
-    def __init__(self, window: int) -> None:
-        self._sq: deque[float] = deque(maxlen=window)
-
-    def add(self, errors: np.ndarray) -> None:
-        self._sq.extend((errors.astype(np.float64) ** 2).tolist())
-
-    @property
-    def value(self) -> float:
-        return math.sqrt(sum(self._sq) / len(self._sq)) if self._sq else float("nan")
 
 
 class Checkpointer:
@@ -114,7 +108,12 @@ class Learner:
         self.offsets: dict[int, int] = {int(p): o for p, o in state.get("offsets", {}).items()}
         self.seq: int = state.get("seq", 0)
         self.max_event_ts: float | None = state.get("max_event_ts")
-        self.rmse = {kind: SlidingRMSE(settings.rmse_window) for kind in EXAMPLE_KINDS}
+        self.quality = {kind: PrequentialQuality(settings.rmse_window, prior=0.5 if kind == CLICK else 3.0)
+                        for kind in EXAMPLE_KINDS}
+        self.calibration = PositionCalibration()
+        if state.get("click_calibration"):  # the fitted parameters survive; the window refills
+            self.calibration.intercepts = np.array(state["click_calibration"]["intercepts"], dtype=np.float64)
+            self.calibration.slope = float(state["click_calibration"]["slope"])
         self._touched_users: set[str] = set()
         self._touched_items: set[str] = set()
         self._stop = False
@@ -154,8 +153,15 @@ class Learner:
                 log.warning("skipped a %s batch of %d examples: %s", kind, len(batch), err)
                 SKIPPED.labels("invalid").inc(len(batch))
                 continue
-            self.rmse[kind].add(before - labels)
-            RMSE.labels(kind).set(self.rmse[kind].value)
+            if kind == CLICK:
+                before = self._calibrated(before, [e["position"] for e in batch], labels)
+            quality = self.quality[kind]
+            quality.add(before, labels)
+            RMSE.labels(kind).set(quality.rmse())
+            BASELINE_RMSE.labels(kind).set(quality.baseline_rmse())
+            if kind == CLICK:
+                LOGLOSS.set(quality.logloss())
+                BASELINE_LOGLOSS.set(quality.baseline_logloss())
             EXAMPLES_SEEN.labels(kind).inc(len(batch))
             self._touched_users.update(users)
             self._touched_items.update(items)
@@ -165,10 +171,28 @@ class Learner:
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return trained
 
+    def _calibrated(self, probabilities: np.ndarray, positions: list[int], labels: np.ndarray) -> np.ndarray:
+        """The click probabilities at the shown positions by the calibration of before this batch,
+        which then learns from the batch (unweighted: the calibration must not see the IPS weights)."""
+        p = np.clip(probabilities, 1e-12, 1 - 1e-12)
+        logits = np.log(p) - np.log1p(-p)
+        calibrated = self.calibration.predict(logits, positions)
+        self.calibration.update(logits, positions, labels)
+        return calibrated
+
+    def click_calibration(self) -> tuple[tuple[float, ...], float]:
+        return tuple(float(a) for a in self.calibration.intercepts), float(self.calibration.slope)
+
     # -- publishing -------------------------------------------------------------------------
 
     def metrics(self) -> dict:
-        return {f"prequential_rmse_{kind}": r.value for kind, r in self.rmse.items() if not math.isnan(r.value)}
+        figures = {}
+        for kind, q in self.quality.items():
+            figures[f"prequential_rmse_{kind}"] = q.rmse()
+            figures[f"prequential_baseline_rmse_{kind}"] = q.baseline_rmse()
+        figures["prequential_logloss_click"] = self.quality[CLICK].logloss()
+        figures["prequential_baseline_logloss_click"] = self.quality[CLICK].baseline_logloss()
+        return {name: value for name, value in figures.items() if not math.isnan(value)}
 
     def publish_delta(self, producer: KafkaProducer) -> int:
         """Send the rows touched since the last publish; returns the number of rows sent."""
@@ -179,6 +203,7 @@ class Learner:
         for key, value in delta_messages(self.settings.model, self.seq, self.model.global_mean,
                                          self.model.click_intercept, users, items,
                                          rating_range=self.model.rating_range,
+                                         click_calibration=self.click_calibration(),
                                          max_event_ts=self.max_event_ts, metrics=self.metrics()):
             producer.send(self.topics.model_updates, key=key.encode(), value=orjson.dumps(value))
         producer.flush()
@@ -192,7 +217,8 @@ class Learner:
         users, items = self.model.export_rows(None, None)
         manifest = write_snapshot(self.settings.store_dir, self.settings.model, self.seq,
                                   self.model.global_mean, self.model.click_intercept, users, items,
-                                  metrics=self.metrics(), rating_range=self.model.rating_range)
+                                  metrics=self.metrics(), rating_range=self.model.rating_range,
+                                  click_calibration=self.click_calibration())
         producer.send(self.topics.model_updates, key=f"snapshot/{self.settings.model}".encode(),
                       value=orjson.dumps(manifest))
         producer.flush()
@@ -203,6 +229,7 @@ class Learner:
         return self.checkpointer.save(self.model, {
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "seq": self.seq, "max_event_ts": self.max_event_ts, "saved_ts": time.time(),
+            "click_calibration": self.calibration.state(),
         })
 
     # -- the loop ---------------------------------------------------------------------------

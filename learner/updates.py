@@ -121,6 +121,31 @@ def _range_from_json(value: object) -> tuple[float, float] | None:
     raise ValueError(f"rating_range must be null or a finite [low, high] with low < high, got {value!r}")
 
 
+# ``click_calibration`` (optional): the learner's ``PositionCalibration`` state, ``{"intercepts":
+# [a_1 .. a_K], "slope": b}``; absent or null means the plain sigmoid of the click logit.
+Calibration = tuple[tuple[float, ...], float]
+
+
+def _calibration_json(calibration: Calibration | None) -> dict | None:
+    return None if calibration is None else {"intercepts": [float(a) for a in calibration[0]],
+                                             "slope": float(calibration[1])}
+
+
+def _calibration_from_json(value: object) -> Calibration | None:
+    """A ``click_calibration`` field as read: None (absent or null) or ``(intercepts, slope)``;
+    ValueError for anything but finite numbers with at least one intercept."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        intercepts, slope = value.get("intercepts"), value.get("slope")
+        numbers = intercepts + [slope] if isinstance(intercepts, list) else []
+        if intercepts and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                              for v in numbers):
+            return tuple(float(a) for a in intercepts), float(slope)
+    raise ValueError(f"click_calibration must be null or {{'intercepts': [finite, ...], 'slope': finite}}, "
+                     f"got {value!r}")
+
+
 def _rows_from_json(obj: dict, n_factors: int) -> ModelRows:
     n = len(obj["ids"])
     return ModelRows(list(obj["ids"]), _unb64(obj["vectors"], (n, n_factors)), _unb64(obj["biases"], (n,)),
@@ -136,6 +161,7 @@ def delta_messages(
     items: ModelRows,
     *,
     rating_range: tuple[float, float] | None = None,
+    click_calibration: Calibration | None = None,
     max_event_ts: float | None = None,
     published_ts: float | None = None,
     metrics: dict | None = None,
@@ -143,7 +169,8 @@ def delta_messages(
 ) -> list[tuple[str, dict]]:
     """The (key, value) messages of one publish: the changed rows split into parts of ``max_rows``.
 
-    Every part carries the global terms (``global_mean``, ``click_intercept``, ``rating_range``).
+    Every part carries the global terms (``global_mean``, ``click_intercept``, ``rating_range``,
+    ``click_calibration``).
     """
     n_factors = users.vectors.shape[1] if len(users) else items.vectors.shape[1]
     published_ts = time.time() if published_ts is None else published_ts
@@ -160,6 +187,7 @@ def delta_messages(
             "version": f"{model}-{seq}", "part": part, "parts": len(chunks),
             "n_factors": int(n_factors), "global_mean": float(global_mean),
             "click_intercept": float(click_intercept), "rating_range": _range_json(rating_range),
+            "click_calibration": _calibration_json(click_calibration),
             "published_ts": published_ts, "max_event_ts": max_event_ts, "metrics": metrics or {},
             "users": _rows_json(rows if side == "users" else empty),
             "items": _rows_json(rows if side == "items" else empty),
@@ -182,6 +210,7 @@ class Delta:
     published_ts: float
     max_event_ts: float | None
     rating_range: tuple[float, float] | None = None
+    click_calibration: Calibration | None = None
 
 
 class DeltaAssembler:
@@ -220,6 +249,7 @@ class DeltaAssembler:
             users=_concat(users, k), items=_concat(items, k),
             published_ts=float(value["published_ts"]), max_event_ts=value.get("max_event_ts"),
             rating_range=_range_from_json(value.get("rating_range")),
+            click_calibration=_calibration_from_json(value.get("click_calibration")),
         )
 
 
@@ -234,7 +264,7 @@ def _concat(parts: list[ModelRows], k: int) -> ModelRows:
 def write_snapshot(
     store: Path, model: str, seq: int, global_mean: float, click_intercept: float,
     users: ModelRows, items: ModelRows, metrics: dict | None = None,
-    rating_range: tuple[float, float] | None = None,
+    rating_range: tuple[float, float] | None = None, click_calibration: Calibration | None = None,
 ) -> dict:
     """Write a complete snapshot atomically (folder renamed into place); return its manifest."""
     version = f"{model}-{seq}"
@@ -254,6 +284,7 @@ def write_snapshot(
         "created_ts": time.time(), "n_users": len(users), "n_items": len(items),
         "n_factors": int(users.vectors.shape[1] if len(users) else items.vectors.shape[1]),
         "rating_range": _range_json(rating_range),
+        "click_calibration": _calibration_json(click_calibration),
         "files": {"rows.safetensors": sha256_file(tmp / "rows.safetensors"), "ids.json": sha256_file(tmp / "ids.json")},
         "metrics": metrics or {},
     }
@@ -291,6 +322,7 @@ class Snapshot:
     users: ModelRows
     items: ModelRows
     rating_range: tuple[float, float] | None = None
+    click_calibration: Calibration | None = None
 
 
 def read_snapshot(folder: Path) -> Snapshot:
@@ -322,9 +354,10 @@ def read_snapshot(folder: Path) -> Snapshot:
     global_mean, click_intercept = (float(x) for x in tensors["global"])
     try:
         rating_range = _range_from_json(manifest.get("rating_range"))
+        click_calibration = _calibration_from_json(manifest.get("click_calibration"))
     except ValueError as err:
         raise SnapshotError(f"{folder}: {err}", "manifest") from None
-    return Snapshot(manifest, global_mean, click_intercept, users, items, rating_range)
+    return Snapshot(manifest, global_mean, click_intercept, users, items, rating_range, click_calibration)
 
 
 _TENSORS = ("user_vectors", "user_biases", "user_click_biases", "item_vectors", "item_biases", "item_click_biases",

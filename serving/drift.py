@@ -17,16 +17,21 @@ observations, the PSI (a symmetrised Kullback-Leibler divergence) is to second o
 $(1/n + 1/m)\,\chi^2_{B-1}$. So ``stats()`` also returns the PSI level that a stable stream
 exceeds with probability ``alpha`` (the false-alarm rate per comparison of two fresh windows),
 $(1/n + 1/m)\,\chi^2_{B-1}(1 - \alpha)$, and the alarm is the PSI above it. This assumes
-independent observations; ids that come in clusters (a user's several clicks) exceed it more
-often, which is why the default ``alpha`` is small. Which signals may alarm, and why the others
+independent observations; ids that come in bursts (a user's several outcomes of one slate)
+exceed it far more often, so for ids the threshold is multiplied by the design effect of the
+bursts, the mean length of the run of equal consecutive ids an observation belongs to
+(``burst_design_effect``). Ids of one actor spread over the stream (a bot) are not runs and keep
+the plain threshold. Which signals may alarm, and why the others
 only inform: docs/monitoring.md.
 
 Two kinds of signals:
 
-* numeric (served scores, labels): bins are the deciles of the reference window, or its distinct
-  values when it has at most ``bins`` of them (labels: 0/1 clicks, 1..5 stars);
-* categorical (which items, which users): each id with at least ``min_count`` observations in
-  either window (at most ``bins`` of them, the most frequent) is a bin, all others share one.
+* numeric (served scores, labels, shares): bins are the deciles of the reference window, or the
+  distinct values of both windows when they have at most ``bins`` of them (labels: 0/1 clicks,
+  1..5 stars; a 0/1 share whose reference is all 0 still gets a bin for the 1s);
+* categorical (which items, which users): each id with at least ``2 * min_count`` observations
+  in the two windows together (at most ``bins`` of them, the most frequent) is a bin, all others
+  share one.
   Rare ids never get bins of their own: with a large catalogue each window sees different rare
   items by chance, which is noise, not drift. KS runs over the bins ordered by reference
   frequency (so it asks whether the mass moved between popular and less popular ids).
@@ -92,8 +97,8 @@ def numeric_counts(reference: np.ndarray, current: np.ndarray, bins: int = 10) -
     """Count vectors of two numeric samples over bins from the reference (module docstring)."""
     reference = np.asarray(reference, dtype=np.float64)
     current = np.asarray(current, dtype=np.float64)
-    distinct = np.unique(reference)
-    if len(distinct) <= bins:
+    distinct = np.unique(np.concatenate([reference, current]))
+    if len(distinct) <= bins:  # few values (shares, labels): one bin each, a new value included
         edges = distinct[1:]
     else:
         edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
@@ -132,7 +137,10 @@ def categorical_counts(reference: list, current: list, bins: int = 20, min_count
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Count vectors of two samples of ids over shared bins, ordered by reference frequency."""
     ref, cur = Counter(reference), Counter(current)
-    frequent = {key for counter in (ref, cur) for key, n in counter.items() if n >= min_count}
+    # chosen by the count of both windows together: under no drift, how an id's count splits
+    # between the windows does not depend on that total, so the choice does not bias the PSI
+    # (choosing ids frequent in either window would pick the ones that split unevenly by chance)
+    frequent = {key for key in ref.keys() | cur.keys() if ref[key] + cur[key] >= 2 * min_count}
     keys = sorted(frequent, key=lambda key: (ref[key] + cur[key]), reverse=True)[:bins]
     keys.sort(key=lambda key: (ref[key], cur[key]), reverse=True)
     ref_counts = np.array([ref[key] for key in keys] + [0], np.float64)
@@ -191,6 +199,20 @@ class NumericDrift:
                           psi_threshold(len(counts[0]), self.window, self.window, self.alpha))
 
 
+def burst_design_effect(ids: list) -> float:
+    """How much bursts of one id inflate the PSI of a stable stream: the mean length of the run of
+    equal consecutive ids that an observation belongs to (1 for independent draws of many ids).
+
+    >>> burst_design_effect(["a", "b", "c", "d"]), burst_design_effect(["a", "a", "b", "b"])
+    (1.0, 2.0)
+    """
+    if not ids:
+        return 1.0
+    starts = [0] + [j for j in range(1, len(ids)) if ids[j] != ids[j - 1]] + [len(ids)]
+    runs = np.diff(starts).astype(np.float64)
+    return float(np.sum(runs * runs) / np.sum(runs))
+
+
 class CategoricalDrift:
     """Reference and current windows of ids (items, users), ``window`` observations each.
 
@@ -225,5 +247,5 @@ class CategoricalDrift:
             return _NOT_READY
         ids = list(self._ids)
         counts = categorical_counts(ids[: self.window], ids[self.window:], self.bins, self.min_count)
-        return DriftStats(psi_from_counts(*counts), ks_from_counts(*counts),
-                          psi_threshold(len(counts[0]), self.window, self.window, self.alpha))
+        threshold = psi_threshold(len(counts[0]), self.window, self.window, self.alpha) * burst_design_effect(ids)
+        return DriftStats(psi_from_counts(*counts), ks_from_counts(*counts), threshold)

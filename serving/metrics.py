@@ -15,7 +15,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 # The *_created series double every counter for no use on a dashboard.
 disable_created_metrics()
 
-DRIFT_SIGNALS = ("score", "item_popularity", "user_activity", "label_rate")
+# What the model cannot change: these may alarm. What it changes itself (the feedback loop: it
+# picks the items shown, so their popularity, its scores and the labels move whenever it learns):
+# statistics only. Quality: Page-Hinkley on the served model's per-outcome loss. docs/monitoring.md
+EXOGENOUS_SIGNALS = ("user_activity", "new_users", "new_items")
+ENDOGENOUS_SIGNALS = ("score", "item_popularity", "label_rate")
+DRIFT_SIGNALS = EXOGENOUS_SIGNALS + ENDOGENOUS_SIGNALS
+LOSS_SIGNALS = ("loss_click", "loss_rating")
 ROUTES = ("recommendations", "predict", "healthz", "readyz", "metrics", "unmatched")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -30,6 +36,25 @@ class ServingMetrics:
         self.served_rmse = Gauge("streamrec_served_rmse", "RMSE of the served predictions on the outcomes of "
                                  "`examples`, over a sliding window (clicks: error of the click probability).",
                                  ["kind"], registry=r)
+        self.served_baseline_rmse = Gauge("streamrec_served_baseline_rmse", "RMSE of the running mean (mean "
+                                          "rating, running CTR) on the same outcomes as streamrec_served_rmse.",
+                                          ["kind"], registry=r)
+        self.served_logloss = Gauge("streamrec_served_logloss", "Log loss of the served click probability at the "
+                                    "shown position (sliding window).", registry=r)
+        self.served_baseline_logloss = Gauge("streamrec_served_baseline_logloss", "Log loss of the running CTR on "
+                                             "the same click outcomes.", registry=r)
+        self.served_auc = Gauge("streamrec_served_auc", "ROC AUC of the served click probability (sliding window).",
+                                registry=r)
+        self.served_calibration = Gauge("streamrec_served_calibration", "Mean served click probability / observed "
+                                        "CTR (sliding window; 1 is calibrated).", registry=r)
+        self.drift_alarm = Gauge("streamrec_drift_alarm", "1 while a drift signal alarms: an exogenous signal's "
+                                 "PSI above its false-alarm threshold, or Page-Hinkley on the served loss "
+                                 "(loss_click, loss_rating).", ["signal"], registry=r)
+        self.drift_threshold = Gauge("streamrec_drift_psi_threshold", "The PSI above which an exogenous signal "
+                                     "alarms (false-alarm probability 1e-4 per comparison of independent draws).",
+                                     ["signal"], registry=r)
+        self.concept_drift = Gauge("streamrec_concept_drift_statistic", "Page-Hinkley statistic on the served "
+                                   "model's per-outcome loss (alarm above its threshold).", ["signal"], registry=r)
         self.drift_psi = Gauge("streamrec_drift_psi", "Population stability index, reference window vs current "
                                "window.", ["signal"], registry=r)
         self.drift_ks = Gauge("streamrec_drift_ks", "Kolmogorov-Smirnov statistic, reference window vs current "
@@ -72,8 +97,17 @@ class ServingMetrics:
         for signal in DRIFT_SIGNALS:
             self.drift_psi.labels(signal).set(float("nan"))
             self.drift_ks.labels(signal).set(float("nan"))
+        for signal in EXOGENOUS_SIGNALS + LOSS_SIGNALS:
+            self.drift_alarm.labels(signal).set(0)
+        for signal in EXOGENOUS_SIGNALS:
+            self.drift_threshold.labels(signal).set(float("nan"))
+        for signal in LOSS_SIGNALS:
+            self.concept_drift.labels(signal).set(0)
         for kind in ("rating", "click"):
             self.served_rmse.labels(kind).set(float("nan"))
+            self.served_baseline_rmse.labels(kind).set(float("nan"))
+        for gauge in (self.served_logloss, self.served_baseline_logloss, self.served_auc, self.served_calibration):
+            gauge.set(float("nan"))
         for route in ROUTES:
             self.request_seconds.labels(route)
 

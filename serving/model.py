@@ -31,7 +31,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from learner.updates import Delta, ModelRows, Snapshot
+from learner.calibration import click_probability
+from learner.updates import Calibration, Delta, ModelRows, Snapshot
 from serving.index import IndexSettings, ItemIndex
 from serving.table import USER_CHUNK_ROWS, RowTable
 from stream.examples import EXAMPLE_KINDS as KINDS
@@ -56,7 +57,9 @@ class ServingModel:
     ``published_ts`` is when the learner produced this state (the snapshot's creation or the
     last delta's publish time): the model's age starts there. ``rating_range`` is the learner's
     ``(low, high)`` (None: unbounded), from the snapshot and then from each delta, like the
-    global mean.
+    global mean. ``click_calibration`` is the learner's ``(intercepts, slope)`` of the click
+    probability at a position (``learner.calibration``; None: the plain sigmoid of the logit), from
+    the snapshot and then from each delta; only ``click_probability_at`` uses it, ranking does not.
 
     >>> import numpy as np
     >>> from learner.updates import Delta, ModelRows
@@ -79,6 +82,7 @@ class ServingModel:
     published_ts: float
     index: ItemIndex | None = None
     rating_range: tuple[float, float] | None = None
+    click_calibration: Calibration | None = None
 
     @classmethod
     def empty(cls, model: str, n_factors: int) -> ServingModel:
@@ -102,6 +106,7 @@ class ServingModel:
             users=RowTable.from_rows(snapshot.users, USER_CHUNK_ROWS),
             items=RowTable.from_rows(snapshot.items, None),
             published_ts=float(m.get("created_ts") or time.time()), rating_range=snapshot.rating_range,
+            click_calibration=snapshot.click_calibration,
         )
         return model.with_index(index) if index is not None else model
 
@@ -136,6 +141,7 @@ class ServingModel:
         return replace(
             self, version=last.version, seq=last.seq, global_mean=last.global_mean,
             click_intercept=last.click_intercept, published_ts=last.published_ts, rating_range=last.rating_range,
+            click_calibration=last.click_calibration,
             users=self.users.with_rows(_merge([d.users for d in deltas])),
             items=items, index=index,
         )
@@ -181,6 +187,16 @@ class ServingModel:
         col = k if kind == "rating" else k + 1
         offset = self.global_mean if kind == "rating" else self.click_intercept
         return self.output(kind, offset + u[:, col] + i[:, col] + dot)
+
+    def click_probability_at(self, user_rows: np.ndarray, item_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """P(click) of (user row, item row) pairs shown at 1-based ``positions``, with this version's
+        calibration (none: the sigmoid of the click logit, whatever the position)."""
+        k = self.n_factors
+        u, i = self.users.get(user_rows), self.items.get(item_rows)
+        logits = self.click_intercept + u[:, k + 1] + i[:, k + 1] + np.einsum("ij,ij->i", u[:, :k], i[:, :k],
+                                                                              dtype=np.float64)
+        intercepts, slope = self.click_calibration or ((0.0,), 1.0)
+        return click_probability(intercepts, slope, logits, positions)
 
     def predict(self, user_id: str, item_ids: Sequence[str], kind: str) -> np.ndarray:
         """Scores of one user for ``item_ids``."""

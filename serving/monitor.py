@@ -2,21 +2,26 @@
 
 It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
 
-* **served RMSE** per kind over the last ``rmse_window`` outcomes: the error of the prediction
-  made by the model version that was live at the time (ratings: the predicted rating, clipped to
-  the version's rating range as the learner's prequential scores are, so that both RMSEs of one
-  model on the same outcomes agree; clicks: the predicted click probability against the 0/1
-  label). The version is, in this order, the one named by the outcome's ``model_version`` (the
-  version that served the impression) if it is still held, else the one live at the outcome's
-  event time ``ts`` if that is within the held history, else the one live when the outcome
-  arrived on ``examples``. The last case covers ratings replayed with historical timestamps and
-  old impressions; the learner consumes the same topic in parallel, so that version has not
-  learned from the outcome yet. Anomalous outcomes are not scored (the learner skips them too);
-  every outcome is counted by how its version was found in
-  ``streamrec_serving_examples_total{result}``.
-* **drift** (``serving.drift``) of four signals: ``score`` (the scores this replica served),
-  ``item_popularity`` and ``user_activity`` (which items and users the interactions involve) and
-  ``label_rate`` (the labels of all outcomes).
+* **served quality** per kind over the last ``rmse_window`` outcomes, each figure beside its
+  running-mean baseline (``serving.quality``): the prediction is the one made by the model
+  version that was live at the time (ratings: the predicted rating, clipped to the version's
+  rating range as the learner's prequential scores are, so that both RMSEs of one model on the
+  same outcomes agree; clicks: the click probability *at the position where the item was shown*,
+  with the version's click calibration, against the 0/1 label). The version is, in this order,
+  the one named by the outcome's ``model_version`` (the version that served the impression) if it
+  is still held, else the one live at the outcome's event time ``ts`` if that is within the held
+  history, else the one live when the outcome arrived on ``examples``. The last case covers
+  ratings replayed with historical timestamps and old impressions; the learner consumes the same
+  topic in parallel, so that version has not learned from the outcome yet. Anomalous outcomes are
+  not scored (the learner skips them too); every outcome is counted by how its version was found
+  in ``streamrec_serving_examples_total{result}``.
+* **drift** (``serving.drift``), in three groups (docs/monitoring.md says which answers what):
+  what the model cannot change, which may alarm (``user_activity``: which users act;
+  ``new_users``, ``new_items``: the share of scored outcomes whose user or item the serving
+  version does not know); what the model changes itself, statistics that never alarm
+  (``score``, ``item_popularity``, ``label_rate``: the feedback loop moves them whenever the
+  model learns); and quality, Page-Hinkley (``serving.concept_drift``) on the served model's
+  per-outcome loss (``loss_click``: log loss, ``loss_rating``: squared error).
 * the **seen items** of each user (for ``exclude_seen``) and the **popularity** counts (for the
   fallback); an interaction is a rating or a positive click.
 * the **recent outcomes** that the shadow check scores candidate models on.
@@ -33,49 +38,25 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
+from serving.concept_drift import PageHinkley
 from serving.drift import CategoricalDrift, NumericDrift
 from serving.live import LiveModel
-from serving.metrics import ServingMetrics
+from serving.metrics import ENDOGENOUS_SIGNALS, ServingMetrics
 from serving.model import ServingModel
 from serving.popularity import Popularity
+from serving.quality import ClickQuality, RatingQuality
 from serving.seen import SeenItems
 from serving.shadow import Outcome
 from stream.events import MAX_ID_CHARS
-from stream.examples import EXAMPLE_KINDS, RATING
+from stream.examples import CLICK, EXAMPLE_KINDS, RATING
 
 log = logging.getLogger(__name__)
+_EPS = 1e-6  # probabilities clipped in the per-outcome log loss, as in serving.quality
 
 
-
-class SlidingRMSE:
-    """Root mean squared error over the last ``window`` errors (a ring buffer).
-
-    >>> r = SlidingRMSE(2)
-    >>> r.add(np.array([3.0, 1.0, 1.0])); r.value
-    1.0
-    """
-
-    def __init__(self, window: int) -> None:
-        self._squares = np.zeros(window)
-        self._next = 0
-        self._n = 0
-
-    def add(self, errors: np.ndarray) -> None:
-        squares = np.square(np.asarray(errors, dtype=np.float64))[-len(self._squares):]
-        w = len(self._squares)
-        idx = (self._next + np.arange(len(squares))) % w
-        self._squares[idx] = squares
-        self._next = (self._next + len(squares)) % w
-        self._n = min(self._n + len(squares), w)
-
-    @property
-    def value(self) -> float:
-        """The RMSE, NaN before any error."""
-        return math.sqrt(self._squares[: self._n].mean()) if self._n else float("nan")
-
-
-def _parse(example: object) -> tuple[str, str, float, str, float | None, str | None, bool] | None:
-    """(user, item, label, kind, ts, model_version, anomalous) of a well-formed example, else None."""
+def _parse(example: object) -> tuple[str, str, float, str, float | None, str | None, bool, int] | None:
+    """(user, item, label, kind, ts, model_version, anomalous, position) of a well-formed example,
+    else None; a missing position reads as 1 (the top of the slate)."""
     if not isinstance(example, dict):
         return None
     user, item, label, kind = (example.get(f) for f in ("user_id", "item_id", "label", "kind"))
@@ -87,18 +68,23 @@ def _parse(example: object) -> tuple[str, str, float, str, float | None, str | N
             and (version is None or isinstance(version, str))
             and (ts is None or (isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts)))):
         return None
-    return user, item, float(label), kind, ts, version, anomalous
+    position = example.get("position")
+    if position is None:
+        position = 1
+    elif not (isinstance(position, int) and not isinstance(position, bool) and position >= 1):
+        return None
+    return user, item, float(label), kind, ts, version, anomalous, position
 
 
 class Monitor:
-    """Served RMSE, drift, seen items, popularity and recent outcomes from the ``examples`` stream.
+    """Served quality, drift, seen items, popularity and recent outcomes from the ``examples`` stream.
 
     Parameters:
         live: the live model and its recent versions.
         metrics: where the figures go.
         seen: the per-user seen sets to feed.
         popularity: the popularity counts to feed.
-        rmse_window: outcomes per kind in the served RMSE.
+        rmse_window: outcomes per kind in the served quality figures.
         drift_window: observations in each of the reference and current windows.
         shadow_window: recent outcomes kept for the shadow check.
         drift_every_s: least seconds between two drift computations.
@@ -111,11 +97,14 @@ class Monitor:
         self.metrics = metrics
         self.seen = seen
         self.popularity = popularity
-        self.rmse = {kind: SlidingRMSE(rmse_window) for kind in EXAMPLE_KINDS}
+        self.quality = {CLICK: ClickQuality(rmse_window), RATING: RatingQuality(rmse_window)}
+        self.loss_drift = {CLICK: PageHinkley(), RATING: PageHinkley()}
         self.drift = {
+            "user_activity": CategoricalDrift(drift_window),
+            "new_users": NumericDrift(drift_window),
+            "new_items": NumericDrift(drift_window),
             "score": NumericDrift(drift_window),
             "item_popularity": CategoricalDrift(drift_window),
-            "user_activity": CategoricalDrift(drift_window),
             "label_rate": NumericDrift(drift_window),
         }
         self._recent: deque[Outcome] = deque(maxlen=shadow_window)
@@ -133,19 +122,20 @@ class Monitor:
     def observe(self, examples: Sequence[object], arrivals: Sequence[float] | None = None) -> int:
         """Take in a batch of decoded examples (``arrivals``: when each reached Kafka, wall time).
 
-        Returns how many were scored for the served RMSE.
+        Returns how many were scored for the served quality.
         """
         now = time.time()
         arrivals = arrivals if arrivals is not None else [now] * len(examples)
         results: dict[str, int] = {}
-        groups: dict[tuple[int, str], tuple[ServingModel, list[str], list[str], list[float]]] = {}
+        groups: dict[tuple[int, str], tuple[ServingModel, list[int]]] = {}
+        scored: dict[str, list[tuple[str, str, float, int]]] = {kind: [] for kind in EXAMPLE_KINDS}
         items, users, labels, popular = [], [], [], []
         for example, arrival in zip(examples, arrivals):
             parsed = _parse(example)
             if parsed is None:
                 results["invalid"] = results.get("invalid", 0) + 1
                 continue
-            user, item, label, kind, ts, version, anomalous = parsed
+            user, item, label, kind, ts, version, anomalous, position = parsed
             labels.append(label)
             if kind == RATING or label > 0:
                 self.seen.add(user, item)
@@ -162,15 +152,11 @@ class Monitor:
                 results["no_model"] = results.get("no_model", 0) + 1
                 continue
             results[how] = results.get(how, 0) + 1
-            group = groups.setdefault((id(model), kind), (model, [], [], []))
-            group[1].append(user)
-            group[2].append(item)
-            group[3].append(label)
-        for (_, kind), (model, g_users, g_items, g_labels) in groups.items():
-            predicted = model.predict_rows(model.users.rows(g_users), model.items.rows(g_items), kind)
-            self.rmse[kind].add(predicted - np.array(g_labels))
-        for kind in {kind for _, kind in groups}:
-            self.metrics.served_rmse.labels(kind).set(self.rmse[kind].value)
+            groups.setdefault((id(model), kind), (model, []))[1].append(len(scored[kind]))
+            scored[kind].append((user, item, label, position))
+        for kind, outcomes in scored.items():
+            if outcomes:
+                self._score(kind, outcomes, [(m, idx) for (_, k), (m, idx) in groups.items() if k == kind])
         for result, n in results.items():
             self.metrics.examples.labels(result).inc(n)
         self.popularity.add(popular, now)
@@ -178,7 +164,41 @@ class Monitor:
         self.drift["user_activity"].add(users)
         self.drift["label_rate"].add(np.array(labels))
         self.maybe_refresh_drift()
-        return sum(len(g[1]) for g in groups.values())
+        return sum(len(o) for o in scored.values())
+
+    def _score(self, kind: str, outcomes: list[tuple[str, str, float, int]],
+               groups: list[tuple[ServingModel, list[int]]]) -> None:
+        """Predict each outcome with its version, in arrival order, and feed quality, loss and drift."""
+        predicted, new_user, new_item = (np.empty(len(outcomes)) for _ in range(3))
+        for model, idx in groups:
+            user_rows = model.users.rows([outcomes[i][0] for i in idx])
+            item_rows = model.items.rows([outcomes[i][1] for i in idx])
+            if kind == CLICK:
+                positions = np.array([outcomes[i][3] for i in idx])
+                predicted[idx] = model.click_probability_at(user_rows, item_rows, positions)
+            else:
+                predicted[idx] = model.predict_rows(user_rows, item_rows, kind)
+            new_user[idx], new_item[idx] = user_rows < 0, item_rows < 0
+        labels = np.array([o[2] for o in outcomes])
+        quality = self.quality[kind]
+        quality.add(predicted, labels)
+        self.metrics.served_rmse.labels(kind).set(quality.rmse())
+        self.metrics.served_baseline_rmse.labels(kind).set(quality.baseline_rmse())
+        if kind == CLICK:
+            p = np.clip(predicted, _EPS, 1.0 - _EPS)
+            losses = -(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))
+            self.metrics.served_logloss.set(quality.logloss())
+            self.metrics.served_baseline_logloss.set(quality.baseline_logloss())
+            self.metrics.served_auc.set(quality.auc())
+            self.metrics.served_calibration.set(quality.calibration())
+        else:
+            losses = np.square(predicted - labels)
+        detector = self.loss_drift[kind]
+        detector.update_many(losses)
+        self.metrics.concept_drift.labels(f"loss_{kind}").set(detector.statistic)
+        self.metrics.drift_alarm.labels(f"loss_{kind}").set(int(detector.alarm))
+        self.drift["new_users"].add(new_user)
+        self.drift["new_items"].add(new_item)
 
     def _version_for(self, version: str | None, ts: float | None, arrival: float) -> tuple[ServingModel | None, str]:
         if version is not None:
@@ -201,6 +221,9 @@ class Monitor:
             stats = window.stats()
             self.metrics.drift_psi.labels(signal).set(stats.psi)
             self.metrics.drift_ks.labels(signal).set(stats.ks)
+            if signal not in ENDOGENOUS_SIGNALS:  # the feedback loop moves those: they never alarm
+                self.metrics.drift_threshold.labels(signal).set(stats.threshold)
+                self.metrics.drift_alarm.labels(signal).set(int(stats.alarm))
 
 
 async def follow_examples(monitor: Monitor, bootstrap_servers: str, topic: str, lookback_s: float,

@@ -25,7 +25,9 @@ from serving.model import ServingModel
 
 DESIGN = Path(__file__).resolve().parents[2] / ".." / "shared" / "DESIGN.md"
 SERVING_METRICS = ("streamrec_served_rmse", "streamrec_drift_psi", "streamrec_drift_ks", "streamrec_model_info",
-                   "streamrec_model_age_seconds", "streamrec_freshness_seconds", "streamrec_request_seconds")
+                   "streamrec_model_age_seconds", "streamrec_freshness_seconds", "streamrec_request_seconds",
+                   "streamrec_served_baseline_rmse", "streamrec_served_logloss", "streamrec_served_baseline_logloss",
+                   "streamrec_served_auc", "streamrec_served_calibration", "streamrec_drift_alarm")
 
 
 def model_rows(n_users=50, n_items=300, k=8, seed=0):

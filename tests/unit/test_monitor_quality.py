@@ -1,0 +1,141 @@
+"""The monitor's quality beside its baseline, its drift alarms and its concept-drift alarm (issue 14)."""
+import numpy as np
+import pytest
+
+from learner.updates import Delta, ModelRows
+from serving.live import LiveModel
+from serving.metrics import ENDOGENOUS_SIGNALS, EXOGENOUS_SIGNALS, ServingMetrics
+from serving.model import ServingModel
+from serving.monitor import Monitor
+from serving.popularity import Popularity
+from serving.seen import SeenItems
+
+N_USERS, N_ITEMS = 2000, 200
+EXAMINATION = np.log([1.0, 0.5, 0.33, 0.25, 0.2])  # roughly logit intercepts of examination 1/k
+
+
+def served_model(calibration):
+    rng = np.random.default_rng(0)
+    users = ModelRows([f"u{j}" for j in range(N_USERS)], np.zeros((N_USERS, 1)), np.zeros(N_USERS), np.zeros(N_USERS))
+    items = ModelRows([f"i{j}" for j in range(N_ITEMS)], np.zeros((N_ITEMS, 1)), np.zeros(N_ITEMS),
+                      rng.normal(-1.0, 1.0, N_ITEMS))
+    delta = Delta("mf", 1, "mf-1", 3.0, 0.0, users, items, 0.0, None, None, calibration)
+    return ServingModel.empty("mf", 1).apply([delta])
+
+
+def make_monitor(model, window=2000):
+    metrics = ServingMetrics()
+    live = LiveModel(4, metrics)
+    live.swap(model)
+    monitor = Monitor(live, metrics, SeenItems(), Popularity(), rmse_window=window, drift_window=window,
+                      drift_every_s=0.0)
+    return monitor, metrics
+
+
+def gauge(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def clicks(rng, n, click_bias, user_pool=N_USERS, item_pool=N_ITEMS, user_offset=0, burst=True):
+    """Click outcomes of the planted world; users come in bursts of 1-5 outcomes (clustered ids)."""
+    users = []
+    while len(users) < n:
+        users += [user_offset + int(rng.integers(user_pool))] * (int(rng.integers(1, 6)) if burst else 1)
+    users = users[:n]
+    items = rng.integers(item_pool, size=n)
+    positions = rng.integers(1, 6, size=n)
+    logit = EXAMINATION[positions - 1] + click_bias[np.minimum(items, N_ITEMS - 1)]
+    labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(float)
+    return [{"user_id": f"u{u}", "item_id": f"i{i}", "label": y, "kind": "click", "model_version": "mf-1",
+             "ts": 0.0, "anomalous": False, "position": int(k), "propensity": 0.2}
+            for u, i, k, y in zip(users, items, positions, labels)]
+
+
+def click_bias_of(model):
+    return model.items.get(model.items.rows([f"i{j}" for j in range(N_ITEMS)]))[:, 2].astype(np.float64)
+
+
+def test_a_calibrated_model_beats_its_baseline_and_a_miscalibrated_one_shows_it():
+    calibrated = served_model((tuple(EXAMINATION), 1.0))
+    truth = click_bias_of(calibrated)
+    figures = {}
+    for name, model in (("calibrated", calibrated), ("plain", served_model(None))):
+        monitor, metrics = make_monitor(model)
+        monitor.observe(clicks(np.random.default_rng(1), 6000, truth))
+        figures[name] = {f: gauge(metrics, f"streamrec_served_{f}") for f in
+                         ("logloss", "baseline_logloss", "auc", "calibration")}
+        figures[name]["rmse"] = gauge(metrics, "streamrec_served_rmse", kind="click")
+        figures[name]["baseline_rmse"] = gauge(metrics, "streamrec_served_baseline_rmse", kind="click")
+    good, plain = figures["calibrated"], figures["plain"]
+    assert good["logloss"] < good["baseline_logloss"] and good["rmse"] < good["baseline_rmse"]
+    assert 0.9 < good["calibration"] < 1.1 and good["auc"] > 0.6
+    assert plain["calibration"] > 1.3  # the position-free probability overstates clicks low in the slate
+    assert plain["logloss"] > good["logloss"]
+    assert plain["baseline_logloss"] == pytest.approx(good["baseline_logloss"])  # same outcomes, same baseline
+
+
+def test_rating_rmse_beside_the_running_mean():
+    monitor, metrics = make_monitor(served_model(None))
+    rng = np.random.default_rng(2)
+    ratings = [{"user_id": "u1", "item_id": "i1", "label": float(y), "kind": "rating", "model_version": "mf-1",
+                "ts": 0.0, "anomalous": False, "position": None, "propensity": 1.0} for y in rng.integers(4, 6, 500)]
+    monitor.observe(ratings)  # the model predicts 3.0 everywhere: worse than the running mean (about 4.5)
+    assert gauge(metrics, "streamrec_served_rmse", kind="rating") > gauge(
+        metrics, "streamrec_served_baseline_rmse", kind="rating") + 0.5
+
+
+def alarms(metrics, signals):
+    return {s: gauge(metrics, "streamrec_drift_alarm", signal=s) for s in signals}
+
+
+def test_no_drift_alarm_on_a_stationary_stream_with_clustered_ids():
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model, window=1000)
+    rng = np.random.default_rng(3)
+    raised = set()
+    for _ in range(40):
+        monitor.observe(clicks(rng, 500, click_bias_of(model)))
+        monitor.observe_served(rng.normal(size=50))
+        raised |= {s for s, v in alarms(metrics, EXOGENOUS_SIGNALS + ("loss_click",)).items() if v == 1}
+    assert not raised
+    assert all(np.isfinite(gauge(metrics, "streamrec_drift_psi", signal=s)) for s in EXOGENOUS_SIGNALS)
+
+
+def test_an_exogenous_shift_alarms_and_endogenous_signals_never_do():
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model, window=1000)
+    rng = np.random.default_rng(4)
+    truth = click_bias_of(model)
+    for _ in range(30):  # item popularity counts clicked items only: it needs many outcomes
+        monitor.observe(clicks(rng, 500, truth))
+        monitor.observe_served(rng.normal(size=500))
+    assert alarms(metrics, EXOGENOUS_SIGNALS) == {s: 0 for s in EXOGENOUS_SIGNALS}
+    # new users arrive (the model knows none of them), the model's scores and the shown items move
+    shifted = clicks(rng, 5000, truth, user_pool=500, user_offset=N_USERS, item_pool=20)
+    monitor.observe(shifted[:800])
+    assert gauge(metrics, "streamrec_drift_alarm", signal="new_users") == 1
+    monitor.observe(shifted[800:])
+    monitor.observe_served(rng.normal(3.0, 1.0, size=1000))
+    monitor.refresh_drift()
+    for signal in ENDOGENOUS_SIGNALS:
+        stats = gauge(metrics, "streamrec_drift_psi", signal=signal)
+        assert signal == "label_rate" or stats > 0.5  # they moved a lot ...
+        assert gauge(metrics, "streamrec_drift_alarm", signal=signal) is None  # ... and never alarm
+
+
+def test_the_concept_drift_alarm_rises_when_the_served_loss_degrades():
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model)
+    rng = np.random.default_rng(5)
+    truth = click_bias_of(model)
+    for _ in range(10):
+        monitor.observe(clicks(rng, 500, truth))
+    assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
+    quiet = gauge(metrics, "streamrec_concept_drift_statistic", signal="loss_click")
+    statistics = []
+    for _ in range(4):  # preferences change: what users liked, they now avoid, and the other way round
+        monitor.observe(clicks(rng, 250, -truth))
+        statistics.append(gauge(metrics, "streamrec_concept_drift_statistic", signal="loss_click"))
+        if gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 1:
+            break
+    assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 1, (quiet, statistics)
