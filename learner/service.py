@@ -284,6 +284,7 @@ class Learner:
         now = time.monotonic()
         last_publish = last_checkpoint = now
         last_snapshot = now if self.seq else now - s.snapshot_interval_s
+        snapshot_seq = None  # seq of the last snapshot this run wrote
         last_data = now
         log.info("learning from %s (%d partitions) on %s", self.topics.examples, len(tps), self.model.device)
         try:
@@ -308,11 +309,13 @@ class Learner:
                     last_publish = now
                 if now - last_snapshot >= s.snapshot_interval_s and self.seq:
                     self.publish_snapshot(producer)
-                    last_snapshot = now
+                    last_snapshot, snapshot_seq = now, self.seq
                 if now - last_checkpoint >= s.checkpoint_interval_s:
                     self.checkpoint()
                     last_checkpoint = now
             self.publish_delta(producer)
+            if self.seq and self.seq != snapshot_seq:  # a clean stop leaves a snapshot of everything learned
+                self.publish_snapshot(producer)
             self.checkpoint()
         finally:
             consumer.close()
