@@ -104,6 +104,11 @@ class PositionCalibration:
                 break
         self.intercepts, self.slope = theta[:k].copy(), float(theta[k])
 
+    def load_state(self, state: dict) -> None:
+        """Take back the parameters of ``state()`` (the window of outcomes starts empty)."""
+        self.intercepts = np.asarray(state["intercepts"], dtype=np.float64).copy()
+        self.slope = float(state["slope"])
+
     def state(self) -> dict:
         """The fitted parameters, as published to serving (``click_probability`` reads them back)."""
         return {"intercepts": [float(a) for a in self.intercepts], "slope": self.slope}

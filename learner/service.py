@@ -42,10 +42,10 @@ from learner.calibration import PositionCalibration
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, EXAMPLES_SEEN, LOGLOSS, PUBLISH_TS,
                              RMSE, SKIPPED)
 from learner.online_mf import OnlineMF
-from learner.prequential import PrequentialQuality
+from learner.quality import ClickQuality, RatingQuality
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
-from stream.examples import CLICK, EXAMPLE_KINDS, Example
+from stream.examples import CLICK, EXAMPLE_KINDS, RATING, Example
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,10 @@ class Learner:
         self.offsets: dict[int, int] = {int(p): o for p, o in state.get("offsets", {}).items()}
         self.seq: int = state.get("seq", 0)
         self.max_event_ts: float | None = state.get("max_event_ts")
-        self.quality = {kind: PrequentialQuality(settings.rmse_window, prior=0.5 if kind == CLICK else 3.0)
-                        for kind in EXAMPLE_KINDS}
+        self.quality = {CLICK: ClickQuality(settings.rmse_window), RATING: RatingQuality(settings.rmse_window)}
         self.calibration = PositionCalibration()
         if state.get("click_calibration"):  # the fitted parameters survive; the window refills
-            self.calibration.intercepts = np.array(state["click_calibration"]["intercepts"], dtype=np.float64)
-            self.calibration.slope = float(state["click_calibration"]["slope"])
+            self.calibration.load_state(state["click_calibration"])
         self._touched_users: set[str] = set()
         self._touched_items: set[str] = set()
         self._stop = False

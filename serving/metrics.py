@@ -12,6 +12,8 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from serving.drift import ALPHA
+
 # The *_created series double every counter for no use on a dashboard.
 disable_created_metrics()
 
@@ -51,7 +53,7 @@ class ServingMetrics:
                                  "PSI above its false-alarm threshold, or Page-Hinkley on the served loss "
                                  "(loss_click, loss_rating).", ["signal"], registry=r)
         self.drift_threshold = Gauge("streamrec_drift_psi_threshold", "The PSI above which an exogenous signal "
-                                     "alarms (false-alarm probability 1e-4 per comparison of independent draws).",
+                                     f"alarms (false-alarm probability {ALPHA:g} per comparison of independent draws).",
                                      ["signal"], registry=r)
         self.concept_drift = Gauge("streamrec_concept_drift_statistic", "Page-Hinkley statistic on the served "
                                    "model's per-outcome loss (alarm above its threshold).", ["signal"], registry=r)

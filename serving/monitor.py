@@ -3,7 +3,7 @@
 It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
 
 * **served quality** per kind over the last ``rmse_window`` outcomes, each figure beside its
-  running-mean baseline (``serving.quality``): the prediction is the one made by the model
+  running-mean baseline (``learner.quality``): the prediction is the one made by the model
   version that was live at the time (ratings: the predicted rating, clipped to the version's
   rating range as the learner's prequential scores are, so that both RMSEs of one model on the
   same outcomes agree; clicks: the click probability *at the position where the item was shown*,
@@ -44,14 +44,13 @@ from serving.live import LiveModel
 from serving.metrics import ENDOGENOUS_SIGNALS, ServingMetrics
 from serving.model import ServingModel
 from serving.popularity import Popularity
-from serving.quality import ClickQuality, RatingQuality
+from learner.quality import ClickQuality, RatingQuality, log_losses
 from serving.seen import SeenItems
 from serving.shadow import Outcome
 from stream.events import MAX_ID_CHARS
 from stream.examples import CLICK, EXAMPLE_KINDS, RATING
 
 log = logging.getLogger(__name__)
-_EPS = 1e-6  # probabilities clipped in the per-outcome log loss, as in serving.quality
 
 
 def _parse(example: object) -> tuple[str, str, float, str, float | None, str | None, bool, int] | None:
@@ -185,8 +184,7 @@ class Monitor:
         self.metrics.served_rmse.labels(kind).set(quality.rmse())
         self.metrics.served_baseline_rmse.labels(kind).set(quality.baseline_rmse())
         if kind == CLICK:
-            p = np.clip(predicted, _EPS, 1.0 - _EPS)
-            losses = -(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))
+            losses = log_losses(predicted, labels)
             self.metrics.served_logloss.set(quality.logloss())
             self.metrics.served_baseline_logloss.set(quality.baseline_logloss())
             self.metrics.served_auc.set(quality.auc())

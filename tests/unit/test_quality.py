@@ -1,4 +1,4 @@
-"""Served quality beside its baseline (serving.quality) and the concept-drift test (serving.concept_drift)."""
+"""Served quality beside its baseline (learner.quality) and the concept-drift test (serving.concept_drift)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from serving.concept_drift import PageHinkley
-from serving.quality import ClickQuality, RatingQuality, auc, log_loss
+from learner.quality import ClickQuality, RatingQuality, auc, log_loss
 
 
 def test_auc_matches_the_pairwise_definition_with_ties():

@@ -1,4 +1,7 @@
-r"""Served quality on a sliding window of outcomes, always beside the baseline it must beat.
+r"""Quality on a sliding window of outcomes, always beside the baseline it must beat.
+
+The learner's prequential figures and serving's served figures both come from here, so the two
+follow the same rules.
 
 A quality figure alone cannot be read: a click RMSE of 0.3 is good when the click-through rate is
 0.5 and bad when it is 0.1. So every figure here comes with the same figure of the simplest
@@ -78,12 +81,15 @@ def _rmse(errors: np.ndarray) -> float:
     return math.sqrt(float(np.mean(np.square(errors)))) if len(errors) else float("nan")
 
 
-def log_loss(p: np.ndarray, labels: np.ndarray) -> float:
-    """Mean binary cross-entropy in nats, probabilities clipped to [1e-6, 1 - 1e-6]; NaN when empty."""
-    if len(p) == 0:
-        return float("nan")
+def log_losses(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each outcome in nats, probabilities clipped to [1e-6, 1 - 1e-6]."""
     p = np.clip(p, _EPS, 1.0 - _EPS)
-    return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log1p(-p)))
+    return -(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))
+
+
+def log_loss(p: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of ``log_losses``; NaN when empty."""
+    return float(np.mean(log_losses(p, labels))) if len(p) else float("nan")
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
