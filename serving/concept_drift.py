@@ -2,7 +2,8 @@ r"""Concept drift on the served model's loss: the Page-Hinkley test for an incre
 
 Feature drift says the inputs moved; concept drift says the model got worse at predicting what
 people do. The second is what a person watching a dashboard must act on, so it is tested on the
-per-outcome loss of the served model (log loss for clicks, squared error for ratings).
+per-outcome loss of the served model (log loss for clicks, squared error for ratings) in excess
+of the baseline's loss on the same outcome (``serving.monitor``).
 
 Page-Hinkley (Page 1954; Hinkley 1971; in the form of Gama et al. 2013): with $\bar x_t$ the
 running mean of the losses, the cumulative deviation
@@ -46,7 +47,7 @@ class PageHinkley:
         statistic: the current $m_t - M_t$.
     """
 
-    def __init__(self, delta: float = 0.1, threshold: float = 50.0, burn_in: int = 200, hold: int = 500) -> None:
+    def __init__(self, delta: float = 0.05, threshold: float = 80.0, burn_in: int = 200, hold: int = 500) -> None:
         if delta < 0 or threshold <= 0 or burn_in < 0 or hold < 1:
             raise ValueError("PageHinkley needs delta >= 0, threshold > 0, burn_in >= 0 and hold >= 1")
         self.delta, self.threshold, self.burn_in, self.hold = delta, threshold, burn_in, hold

@@ -49,15 +49,17 @@ ALPHA = 1e-4  # false-alarm probability per comparison of two fresh windows
 
 
 class DriftStats(NamedTuple):
-    """PSI and KS of the two windows, and the PSI level a stable stream exceeds with probability alpha."""
+    """PSI and KS of the two windows, and the PSI level a stable stream exceeds with probability
+    alpha; ``may_alarm`` is False when the shift goes the way a one-sided signal ignores."""
 
     psi: float
     ks: float
     threshold: float
+    may_alarm: bool = True
 
     @property
     def alarm(self) -> bool:
-        return self.psi > self.threshold  # False while NaN
+        return self.may_alarm and self.psi > self.threshold  # False while NaN
 
 
 _NOT_READY = DriftStats(float("nan"), float("nan"), float("nan"))
@@ -161,14 +163,23 @@ class NumericDrift:
     >>> d.add(rng.normal(size=1000) + 2.0); s = d.stats()
     >>> s.psi > 0.2, s.ks > 0.5, s.alarm
     (True, True, True)
+
+    With ``rising_only`` a shift alarms only when the current mean is above the reference mean
+    (a share of unknown users that falls is the model learning them, not a new population):
+
+    >>> d = NumericDrift(window=1000, rising_only=True)
+    >>> d.add(np.ones(1000)); d.add(np.zeros(1000)); s = d.stats()
+    >>> s.psi > s.threshold, s.alarm
+    (True, False)
     """
 
-    def __init__(self, window: int = 1000, bins: int = 10, alpha: float = ALPHA) -> None:
+    def __init__(self, window: int = 1000, bins: int = 10, alpha: float = ALPHA, rising_only: bool = False) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2, got {window}")
         self.window = window
         self.bins = bins
         self.alpha = alpha
+        self.rising_only = rising_only
         self._ring = np.empty(2 * window)
         self._next = 0  # where the next value goes; the oldest value sits there once the ring is full
         self._n = 0
@@ -195,8 +206,9 @@ class NumericDrift:
         ordered = np.concatenate([self._ring[self._next:], self._ring[: self._next]])
         reference, current = ordered[: self.window], ordered[self.window:]
         counts = numeric_counts(reference, current, self.bins)
+        may_alarm = not self.rising_only or float(current.mean()) > float(reference.mean())
         return DriftStats(psi_from_counts(*counts), ks(reference, current),
-                          psi_threshold(len(counts[0]), self.window, self.window, self.alpha))
+                          psi_threshold(len(counts[0]), self.window, self.window, self.alpha), may_alarm)
 
 
 def burst_design_effect(ids: list) -> float:

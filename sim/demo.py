@@ -100,7 +100,7 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
 
         schedule = Schedule(warmup=4, steady=10, attack=4, shift=8) if quick else Schedule(6, 30, 8, 20)
         sim = Simulation.planted(n_users=200 if quick else 600, n_items=100 if quick else 300, seed=seed,
-                                 schedule=schedule)
+                                 schedule=schedule, shift_items=True)
         rows = []
         with EventProducer(bootstrap, topic=topics.events) as producer:
             for raw in BROKEN_MESSAGES:

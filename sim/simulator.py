@@ -23,7 +23,8 @@ Users never see propensities: logging them is the serving side's job.
 model is cold), ``steady``, ``attack`` (a few bot accounts request a slate every ~1.5 s and click
 almost every item shown, one click every ~0.2 s, so they touch many distinct items fast) and ``shift``
 (every user's latent vector is rotated by ``shift_angle_deg`` towards a random orthogonal
-direction: tastes change, item quality does not).
+direction: tastes change; with ``shift_items`` the item biases are also shuffled among the items:
+yesterday's hits lose their appeal and unnoticed items become popular).
 
 **Determinism.** Everything is a function of ``seed``: the world, the traffic of step ``t``
 (:meth:`Simulation.requests`) and the response to a request (:meth:`Simulation.respond` draws
@@ -245,6 +246,11 @@ class Preferences:
         turned[scale == 0] = x[scale == 0]  # a zero vector, or no orthogonal direction (1 factor)
         return replace(self, user_factors=turned)
 
+    def items_shuffled(self, seed: int) -> Preferences:
+        """The same world with the item biases permuted among the items (the popular become unpopular)."""
+        rng = np.random.default_rng((seed, _SHIFT, 1))
+        return replace(self, item_bias=rng.permutation(self.item_bias))
+
 
 class Request(NamedTuple):
     """One simulated visit: ``user_id`` asks for a slate at event time ``ts`` during ``step``;
@@ -301,6 +307,8 @@ class Simulation:
         Bot ids are ``<bot_prefix><j>``.
     shift_angle_deg
         Rotation of every user's latent vector when the shift phase begins.
+    shift_items
+        The shift also shuffles the item biases among the items (item quality changes too).
     """
 
     def __init__(
@@ -318,6 +326,7 @@ class Simulation:
         bot_click_prob: float = 0.95,
         bot_prefix: str = "sim-bot",
         shift_angle_deg: float = 60.0,
+        shift_items: bool = False,
     ) -> None:
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
@@ -331,6 +340,8 @@ class Simulation:
             raise ValueError(f"n_bots and activity_sigma must be >= 0, got {n_bots}, {activity_sigma}")
         self.preferences = preferences
         self.shifted = preferences.rotated(shift_angle_deg, seed)
+        if shift_items:
+            self.shifted = self.shifted.items_shuffled(seed)
         self.seed = int(seed)
         self.eta = float(eta)
         self.schedule = schedule

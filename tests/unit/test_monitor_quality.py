@@ -139,3 +139,45 @@ def test_the_concept_drift_alarm_rises_when_the_served_loss_degrades():
         if gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 1:
             break
     assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 1, (quiet, statistics)
+
+
+def served_model_with(click_bias):
+    items = ModelRows([f"i{j}" for j in range(N_ITEMS)], np.zeros((N_ITEMS, 1)), np.zeros(N_ITEMS), click_bias)
+    users = ModelRows([f"u{j}" for j in range(N_USERS)], np.zeros((N_USERS, 1)), np.zeros(N_USERS), np.zeros(N_USERS))
+    delta = Delta("mf", 2, "mf-2", 3.0, 0.0, users, items, 0.0, None, None, (tuple(EXAMINATION), 1.0))
+    return ServingModel.empty("mf", 1).apply([delta])
+
+
+def test_more_clicks_that_the_model_predicts_raise_no_concept_drift_alarm():
+    # the click rate triples and the model knows it: its log loss rises with the baseline's, so
+    # the raw loss climbs while the model is as good as before (a raw-loss test alarms here)
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model)
+    rng = np.random.default_rng(6)
+    truth = click_bias_of(model)
+    for _ in range(10):
+        monitor.observe(clicks(rng, 500, truth))
+    raw_before = gauge(metrics, "streamrec_served_logloss")
+    monitor.live.swap(served_model_with(truth + 1.5))
+    for _ in range(20):
+        monitor.observe([dict(c, model_version="mf-2") for c in clicks(rng, 500, truth + 1.5)])
+        assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
+    assert gauge(metrics, "streamrec_served_logloss") > raw_before + 0.1
+
+
+def test_a_falling_share_of_new_users_is_the_model_learning_them_not_an_alarm():
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model, window=1000)
+    rng = np.random.default_rng(7)
+    truth = click_bias_of(model)
+    for _ in range(4):  # a third of the outcomes come from users the model does not know yet ...
+        batch = clicks(rng, 500, truth)
+        monitor.observe([dict(c, user_id=f"new{c['user_id']}") if k % 3 == 0 else c for k, c in enumerate(batch)])
+    beyond = []
+    for _ in range(4):  # ... and then none do
+        monitor.observe(clicks(rng, 500, truth))
+        monitor.refresh_drift()
+        assert gauge(metrics, "streamrec_drift_alarm", signal="new_users") == 0
+        beyond.append(gauge(metrics, "streamrec_drift_psi", signal="new_users") > gauge(
+            metrics, "streamrec_drift_psi_threshold", signal="new_users"))
+    assert any(beyond)  # the share moved beyond the alarm level, in the direction that does not alarm
