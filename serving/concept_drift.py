@@ -47,7 +47,7 @@ class PageHinkley:
         statistic: the current $m_t - M_t$.
     """
 
-    def __init__(self, delta: float = 0.05, threshold: float = 80.0, burn_in: int = 200, hold: int = 500) -> None:
+    def __init__(self, delta: float = 0.02, threshold: float = 100.0, burn_in: int = 200, hold: int = 500) -> None:
         if delta < 0 or threshold <= 0 or burn_in < 0 or hold < 1:
             raise ValueError("PageHinkley needs delta >= 0, threshold > 0, burn_in >= 0 and hold >= 1")
         self.delta, self.threshold, self.burn_in, self.hold = delta, threshold, burn_in, hold

@@ -55,7 +55,7 @@ from stream.examples import CLICK, EXAMPLE_KINDS, RATING
 # Page-Hinkley on the excess loss (model minus baseline, per outcome): the tolerated rise of its
 # mean and the evidence an alarm needs, per kind (squared stars are larger than nats); the
 # false-alarm rates and detection delays these give are measured in docs/monitoring.md.
-CONCEPT_DRIFT = {CLICK: {"delta": 0.05, "threshold": 80.0}, RATING: {"delta": 0.1, "threshold": 120.0}}
+CONCEPT_DRIFT = {CLICK: {"delta": 0.02, "threshold": 100.0}, RATING: {"delta": 0.1, "threshold": 120.0}}
 
 log = logging.getLogger(__name__)
 
