@@ -180,12 +180,19 @@ class NumericDrift:
         self.bins = bins
         self.alpha = alpha
         self.rising_only = rising_only
+        self._clusters: deque = deque(maxlen=2 * window)  # who each value came from, when given
         self._ring = np.empty(2 * window)
         self._next = 0  # where the next value goes; the oldest value sits there once the ring is full
         self._n = 0
 
-    def add(self, values: np.ndarray) -> None:
+    def add(self, values: np.ndarray, clusters: list | None = None) -> None:
+        """Append ``values``; ``clusters`` (one id per value, e.g. the user) marks values that come
+        in bursts, and the alarm level is raised by the bursts' design effect (``CategoricalDrift``)."""
         values = np.asarray(values, dtype=np.float64).ravel()
+        if clusters is not None:
+            if len(clusters) != len(values):
+                raise ValueError(f"clusters must have one id per value: {len(clusters)} ids, {len(values)} values")
+            self._clusters.extend(c for c, v in zip(clusters, values) if np.isfinite(v))
         values = values[np.isfinite(values)][-len(self._ring):]
         m, size = len(values), len(self._ring)
         first = min(m, size - self._next)
@@ -207,8 +214,9 @@ class NumericDrift:
         reference, current = ordered[: self.window], ordered[self.window:]
         counts = numeric_counts(reference, current, self.bins)
         may_alarm = not self.rising_only or float(current.mean()) > float(reference.mean())
+        threshold = psi_threshold(len(counts[0]), self.window, self.window, self.alpha)
         return DriftStats(psi_from_counts(*counts), ks(reference, current),
-                          psi_threshold(len(counts[0]), self.window, self.window, self.alpha), may_alarm)
+                          threshold * burst_design_effect(list(self._clusters)), may_alarm)
 
 
 def burst_design_effect(ids: list) -> float:

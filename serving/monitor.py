@@ -202,8 +202,9 @@ class Monitor:
         detector.update_many(excess)
         self.metrics.concept_drift.labels(f"loss_{kind}").set(detector.statistic)
         self.metrics.drift_alarm.labels(f"loss_{kind}").set(int(detector.alarm))
-        self.drift["new_users"].add(new_user)
-        self.drift["new_items"].add(new_item)
+        slates = [o[0] for o in outcomes]  # a user's outcomes come in bursts: the design effect's clusters
+        self.drift["new_users"].add(new_user, clusters=slates)
+        self.drift["new_items"].add(new_item, clusters=slates)
 
     def _version_for(self, version: str | None, ts: float | None, arrival: float) -> tuple[ServingModel | None, str]:
         if version is not None:

@@ -50,20 +50,39 @@ def _labelled(samples: dict, name: str, label: str) -> dict[str, float]:
     return {dict(labels).get(label, ""): value for (sample, labels), value in samples.items() if sample == name}
 
 
+def _check_alive(procs: dict[str, subprocess.Popen]) -> None:
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {name} exited during start-up; see {name}.log in the run folder")
+
+
 def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"the {name} exited during start-up; see {name}.log in the run folder")
+        _check_alive(procs)
         try:
             urllib.request.urlopen(url, timeout=2)
             return
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _wait_consuming(worker_port: int, dead_letters: int, procs: dict[str, subprocess.Popen], timeout_s: float) -> None:
+    """Wait until the worker has put the broken messages on the DLQ: it consumes, so the
+    schedule's steps measure the loop rather than the worker's start-up (slow on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _check_alive(procs)
+        try:
+            if total(scrape(f"http://127.0.0.1:{worker_port}/metrics"), "streamrec_dlq_total") >= dead_letters:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the worker did not consume its first messages within {timeout_s:.0f} s; see worker.log")
 
 
 def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | None = None, seed: int = 0) -> int:
@@ -105,6 +124,8 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
         with EventProducer(bootstrap, topic=topics.events) as producer:
             for raw in BROKEN_MESSAGES:
                 producer.send_raw(raw, key=b"demo")
+            producer.flush()
+            _wait_consuming(ports["worker"], len(BROKEN_MESSAGES), procs, 180)
             loop = ClosedLoop(sim, serve_url, producer, policy="epsilon_greedy", k=10, seed=seed)
             print(f"{'step':>4} {'phase':<7} {'events/s':>8} {'CTR':>6} {'oracle':>6} {'popular':>7} "
                   f"{'RMSE':>6} {'base':>6} {'calib':>5} {'anomalies':>9} {'alarms':<18} model", flush=True)

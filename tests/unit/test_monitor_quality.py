@@ -181,3 +181,25 @@ def test_a_falling_share_of_new_users_is_the_model_learning_them_not_an_alarm():
         beyond.append(gauge(metrics, "streamrec_drift_psi", signal="new_users") > gauge(
             metrics, "streamrec_drift_psi_threshold", signal="new_users"))
     assert any(beyond)  # the share moved beyond the alarm level, in the direction that does not alarm
+
+
+def test_a_steady_trickle_of_new_users_in_slate_bursts_raises_no_alarm():
+    # one user in ~150 is new, and each comes with a whole slate of 10 outcomes at once: the share
+    # is steady, but its bursts make two windows differ far more than independent draws would
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model, window=1000)
+    rng = np.random.default_rng(8)
+    truth = click_bias_of(model)
+    fresh = 0
+    for _ in range(60):
+        batch = clicks(rng, 500, truth, burst=False)
+        slates = [batch[j:j + 10] for j in range(0, 500, 10)]
+        for slate in slates:
+            user = f"new{fresh}" if rng.random() < 1 / 150 else slate[0]["user_id"]
+            fresh += user.startswith("new")
+            for outcome in slate:
+                outcome["user_id"] = user
+        monitor.observe(batch)
+        monitor.refresh_drift()
+        assert gauge(metrics, "streamrec_drift_alarm", signal="new_users") == 0
+    assert fresh > 10
