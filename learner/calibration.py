@@ -33,6 +33,11 @@ from __future__ import annotations
 import numpy as np
 
 _MAX_NEWTON_STEPS = 8
+_MAX_HALVINGS = 30
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0)))
 
 
 class PositionCalibration:
@@ -84,14 +89,26 @@ class PositionCalibration:
             self._pending = 0
             self._fit()
 
+    def _objective(self, theta: np.ndarray, prior: np.ndarray, slots: np.ndarray, logits: np.ndarray,
+                   labels: np.ndarray) -> float:
+        """Penalised negative log-likelihood (computed stably: log(1 + e^z) = logaddexp(0, z))."""
+        z = theta[slots] + theta[-1] * logits
+        return float(np.sum(np.logaddexp(0.0, z) - labels * z) + 0.5 * self.l2 * np.sum((theta - prior) ** 2))
+
     def _fit(self) -> None:
+        """Newton's method with a backtracking line search: every accepted step lowers the
+        objective, so a fit cannot run away (undamped Newton from the previous fit diverged when
+        the click model's logits moved far between two fits)."""
         n, k = self._n, self.max_position
         slots, logits, labels = self._slots[:n], self._logits[:n], self._labels[:n]
-        theta = np.append(self.intercepts, self.slope)
         prior = np.append(np.zeros(k), 1.0)
+        theta = np.append(self.intercepts, self.slope)
+        current = self._objective(theta, prior, slots, logits, labels)
+        at_prior = self._objective(prior, prior, slots, logits, labels)
+        if not current <= at_prior:  # the previous fit is worse than no fit at all here: start afresh
+            theta, current = prior.copy(), at_prior
         for _ in range(_MAX_NEWTON_STEPS):
-            z = theta[slots] + theta[k] * logits
-            p = 1.0 / (1.0 + np.exp(-z))
+            p = _sigmoid(theta[slots] + theta[k] * logits)
             w = p * (1.0 - p)
             residual = p - labels
             gradient = np.append(np.bincount(slots, residual, k), residual @ logits) + self.l2 * (theta - prior)
@@ -99,7 +116,15 @@ class PositionCalibration:
             cross = np.bincount(slots, w * logits, k)
             hessian[:k, k] = hessian[k, :k] = cross
             step = np.linalg.solve(hessian + 1e-9 * np.eye(k + 1), gradient)
-            theta -= step
+            for _ in range(_MAX_HALVINGS):
+                candidate = theta - step
+                value = self._objective(candidate, prior, slots, logits, labels)
+                if value <= current:
+                    break
+                step = step / 2.0
+            else:
+                break  # no step lowers the objective: theta is as good as it gets
+            theta, current = candidate, value
             if np.max(np.abs(step)) < 1e-6:
                 break
         self.intercepts, self.slope = theta[:k].copy(), float(theta[k])
@@ -119,5 +144,4 @@ def click_probability(intercepts: np.ndarray | list[float], slope: float, logits
     """$\\sigma(a_k + b\\, s)$ for logits ``s`` at 1-based ``positions`` (past the last intercept: the last)."""
     intercepts = np.asarray(intercepts, dtype=np.float64)
     slots = np.clip(np.asarray(positions, dtype=np.int64), 1, len(intercepts)) - 1
-    z = intercepts[slots] + float(slope) * np.asarray(logits, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-z))
+    return _sigmoid(intercepts[slots] + float(slope) * np.asarray(logits, dtype=np.float64))

@@ -53,3 +53,20 @@ def test_published_state_predicts_the_same():
 def test_rejects_bad_settings():
     with pytest.raises(ValueError):
         PositionCalibration(window=0)
+
+
+def test_the_fit_cannot_run_away_when_the_click_models_logits_jump():
+    # the click model saturates between two fits (logits ~ +-20) while clicks stay rare; Newton
+    # steps from the previous fit without a line search diverged here (slope ~25,000, predicted
+    # CTR 12x the observed), as in a quick demo run whose served calibration read 3-8
+    rng = np.random.default_rng(0)
+    cal = PositionCalibration(max_position=10, window=5000, refit_every=1000)
+    positions = rng.integers(1, 11, 20000)
+    early, late = rng.normal(-1.0, 1.0, 10000), rng.normal(0.0, 12.0, 10000)
+    logits = np.concatenate([early, late])
+    truth = 0.3 / positions / (1.0 + np.exp(-np.concatenate([early, late / 12.0])))
+    clicks = rng.random(20000) < truth
+    for j in range(0, 20000, 500):
+        cal.update(logits[j:j + 500], positions[j:j + 500], clicks[j:j + 500])
+    ratio = cal.predict(logits[-5000:], positions[-5000:]).mean() / clicks[-5000:].mean()
+    assert 0.8 < ratio < 1.3 and 0 < cal.slope < 1
