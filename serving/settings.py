@@ -29,7 +29,10 @@ class ServeSettings:
     temperature: float = field(default_factory=lambda: env_float("SERVE_TEMPERATURE", 1.0))
     candidates: int = field(default_factory=lambda: env_int("SERVE_CANDIDATES", 200))
     history: int = field(default_factory=lambda: env_int("SERVE_HISTORY", 8))
-    rmse_window: int = field(default_factory=lambda: env_int("SERVE_RMSE_WINDOW", 2000))
+    # as long as the learner's prequential window: under the ``wait`` feedback protocol a click's
+    # positive arrives at once and its slate's negatives when the window closes, so a short window
+    # swings with the arrival order (docs/monitoring.md)
+    rmse_window: int = field(default_factory=lambda: env_int("SERVE_RMSE_WINDOW", 10_000))
     drift_window: int = field(default_factory=lambda: env_int("DRIFT_WINDOW", 1000))
     shadow_window: int = field(default_factory=lambda: env_int("SHADOW_WINDOW", 2000))
     shadow_tolerance: float = field(default_factory=lambda: env_float("SHADOW_TOLERANCE", 0.05))

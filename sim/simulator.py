@@ -23,8 +23,8 @@ Users never see propensities: logging them is the serving side's job.
 model is cold), ``steady``, ``attack`` (a few bot accounts request a slate every ~1.5 s and click
 almost every item shown, one click every ~0.2 s, so they touch many distinct items fast) and ``shift``
 (every user's latent vector is rotated by ``shift_angle_deg`` towards a random orthogonal
-direction: tastes change; with ``shift_items`` the item biases are also shuffled among the items:
-yesterday's hits lose their appeal and unnoticed items become popular).
+direction: tastes change; with ``shift_items`` the item biases are also mirrored: yesterday's
+hits become today's flops and the least appealing items the most).
 
 **Determinism.** Everything is a function of ``seed``: the world, the traffic of step ``t``
 (:meth:`Simulation.requests`) and the response to a request (:meth:`Simulation.respond` draws
@@ -246,10 +246,10 @@ class Preferences:
         turned[scale == 0] = x[scale == 0]  # a zero vector, or no orthogonal direction (1 factor)
         return replace(self, user_factors=turned)
 
-    def items_shuffled(self, seed: int) -> Preferences:
-        """The same world with the item biases permuted among the items (the popular become unpopular)."""
-        rng = np.random.default_rng((seed, _SHIFT, 1))
-        return replace(self, item_bias=rng.permutation(self.item_bias))
+    def items_reversed(self) -> Preferences:
+        """The same world with every item bias mirrored about their mean: the most appealing items
+        become the least appealing and the other way round."""
+        return replace(self, item_bias=2.0 * self.item_bias.mean() - self.item_bias)
 
 
 class Request(NamedTuple):
@@ -308,7 +308,7 @@ class Simulation:
     shift_angle_deg
         Rotation of every user's latent vector when the shift phase begins.
     shift_items
-        The shift also shuffles the item biases among the items (item quality changes too).
+        The shift also mirrors the item biases about their mean (item appeal reverses too).
     """
 
     def __init__(
@@ -341,7 +341,7 @@ class Simulation:
         self.preferences = preferences
         self.shifted = preferences.rotated(shift_angle_deg, seed)
         if shift_items:
-            self.shifted = self.shifted.items_shuffled(seed)
+            self.shifted = self.shifted.items_reversed()
         self.seed = int(seed)
         self.eta = float(eta)
         self.schedule = schedule
