@@ -2,8 +2,9 @@
 
 The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batch_timeout_s``):
 
-1. poll ``examples`` (``stream.examples.Example``); drop examples flagged ``anomalous`` (counted)
-   and malformed ones (logged);
+1. poll ``examples`` (``stream.examples.Example``); drop outcomes already trained, re-sent by a
+   worker that replayed a batch after a crash (``learner.outcomes``, ``streamrec_learner_duplicates_total``),
+   examples flagged ``anomalous`` (counted) and malformed ones (logged);
 2. predict-then-train per kind (``learn_batch`` returns the scores made before the update), which
    gives the prequential figures beside their running-mean baselines
    (``streamrec_prequential_rmse{kind}``, ``streamrec_prequential_baseline_rmse{kind}``, and the
@@ -16,11 +17,13 @@ The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batc
    ``model.updates``; every ``snapshot_interval_s``: a checksummed snapshot goes to the model
    store and its manifest onto ``model.updates`` (format: ``learner/PUBLISHING.md``);
 4. every ``checkpoint_interval_s`` (and on a clean stop): weights, id maps, optimiser state, the
-   consumed offsets and the publisher's sequence are written together, atomically.
+   consumed offsets, the remembered outcome keys and the publisher's sequence are written
+   together, atomically.
 
 The learner owns its offsets: they live in the checkpoint, not in a consumer group, so a restart
 resumes exactly after the last checkpointed example — nothing is lost, and only what came after
-the last checkpoint is learned again.
+the last checkpoint is learned again. The outcome keys are saved with the checkpoint rather than
+rebuilt, so the restarted learner makes the same duplicate decisions on what it reads again.
 """
 from __future__ import annotations
 
@@ -39,13 +42,14 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import start_http_server
 
 from learner.calibration import PositionCalibration
-from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, EXAMPLES_SEEN, LOGLOSS, PUBLISH_TS,
-                             RMSE, SKIPPED)
+from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
+                             OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_TS, RMSE, SKIPPED)
 from learner.online_mf import OnlineMF
+from learner.outcomes import OutcomeWindow
 from learner.quality import ClickQuality, RatingQuality
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
-from stream.examples import CLICK, EXAMPLE_KINDS, RATING, Example
+from stream.examples import CLICK, EXAMPLE_KINDS, RATING, Example, outcome_key
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,7 @@ class Checkpointer:
         path = self.folder / pointer.read_text().strip()
         return path if path.is_dir() else None
 
-    def save(self, model: OnlineMF, state: dict) -> Path:
+    def save(self, model: OnlineMF, state: dict, outcomes: dict[str, np.ndarray]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         previous = self.latest()
         n = int(previous.name.split("-")[1]) + 1 if previous else 1
@@ -73,6 +77,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save(tmp / "model")
         (tmp / "learner.json").write_text(json.dumps(state))
+        np.savez(tmp / "outcomes.npz", **outcomes)
         os.replace(tmp, target)
         pointer_tmp = self.folder / "LATEST.tmp"
         pointer_tmp.write_text(target.name)
@@ -81,11 +86,17 @@ class Checkpointer:
             shutil.rmtree(previous, ignore_errors=True)
         return target
 
-    def load(self) -> tuple[OnlineMF, dict] | None:
+    def load(self) -> tuple[OnlineMF, dict, dict[str, np.ndarray]] | None:
+        """The model, the learner's state and the outcome keys (empty in a checkpoint from before
+        they were saved) of the latest checkpoint; None when there is none."""
         path = self.latest()
         if path is None:
             return None
-        return OnlineMF.load(path / "model"), json.loads((path / "learner.json").read_text())
+        outcomes: dict[str, np.ndarray] = {}
+        if (path / "outcomes.npz").is_file():
+            with np.load(path / "outcomes.npz", allow_pickle=False) as arrays:
+                outcomes = dict(arrays)
+        return OnlineMF.load(path / "model"), json.loads((path / "learner.json").read_text()), outcomes
 
 
 class Learner:
@@ -98,13 +109,17 @@ class Learner:
         self.topics = Topics(settings.topic_prefix)
         self.checkpointer = Checkpointer(settings.checkpoint_dir)
         restored = self.checkpointer.load()
+        self.outcomes = OutcomeWindow(settings.outcome_window_s, settings.outcome_keys_max)
         if restored is None:
             self.model = OnlineMF(n_factors=settings.n_factors, rating_range=settings.rating_range,
                                   device=settings.device, seed=0)
             state: dict = {}
         else:
-            self.model, state = restored
-            log.info("resumed from checkpoint %s (offsets %s)", self.checkpointer.latest(), state.get("offsets"))
+            self.model, state, outcomes = restored
+            if outcomes:
+                self.outcomes.load_state(outcomes)
+            log.info("resumed from checkpoint %s (offsets %s, %d outcome keys)", self.checkpointer.latest(),
+                     state.get("offsets"), len(self.outcomes))
         self.offsets: dict[int, int] = {int(p): o for p, o in state.get("offsets", {}).items()}
         self.seq: int = state.get("seq", 0)
         self.max_event_ts: float | None = state.get("max_event_ts")
@@ -122,7 +137,7 @@ class Learner:
         """Predict-then-train on one micro-batch; returns the number of examples trained on."""
         started = time.perf_counter()
         by_kind: dict[str, list[Example]] = {kind: [] for kind in EXAMPLE_KINDS}
-        for example in examples:
+        for example in self._first_sent(examples):
             if example.get("anomalous"):
                 SKIPPED.labels("anomalous").inc()
                 continue
@@ -168,6 +183,29 @@ class Learner:
             trained += len(batch)
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return trained
+
+    def _first_sent(self, examples: list[Example]) -> list[Example]:
+        """``examples`` less the outcomes already trained (``learner.outcomes``). An example without
+        the fields of its key (an older producer) cannot be recognised and is kept."""
+        keyed, keys, newest = [], [], None
+        for i, e in enumerate(examples):
+            try:
+                keys.append(outcome_key(e["kind"], e["event_id"], e["item_id"]))
+            except (KeyError, TypeError):
+                continue
+            keyed.append(i)
+            ts = e.get("ts")
+            if isinstance(ts, (int, float)) and (newest is None or ts > newest):
+                newest = ts
+        evicted = self.outcomes.evicted
+        fresh = self.outcomes.fresh(keys, newest)
+        OUTCOME_KEYS.set(len(self.outcomes))
+        OUTCOME_KEYS_EVICTED.inc(self.outcomes.evicted - evicted)
+        if all(fresh):
+            return examples
+        DUPLICATES.inc(len(fresh) - sum(fresh))
+        dropped = {i for i, new in zip(keyed, fresh) if not new}
+        return [e for i, e in enumerate(examples) if i not in dropped]
 
     def _calibrated(self, probabilities: np.ndarray, positions: list[int], labels: np.ndarray) -> np.ndarray:
         """The click probabilities at the shown positions by the calibration of before this batch,
@@ -228,7 +266,7 @@ class Learner:
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "seq": self.seq, "max_event_ts": self.max_event_ts, "saved_ts": time.time(),
             "click_calibration": self.calibration.state(),
-        })
+        }, self.outcomes.state())
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -6,7 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stream.config import env, env_float, env_int, state_dir
+from stream.config import StreamSettings, env, env_float, env_int, state_dir
+
+# Seconds beyond the worker's attribution window that outcome keys are remembered (docs/learner.md,
+# "Outcomes trained once"): how far the stream may move on before a crashed worker re-sends.
+OUTCOME_MARGIN_S = 600.0
 
 
 def parse_rating_range(text: str) -> tuple[float, float] | None:
@@ -43,5 +47,9 @@ class LearnerSettings:
     store_dir: Path = field(default_factory=lambda: Path(env("MODEL_STORE", str(state_dir() / "models"))))
     checkpoint_dir: Path = field(default_factory=lambda: Path(env("CHECKPOINT_DIR", str(state_dir() / "learner"))))
     rmse_window: int = field(default_factory=lambda: env_int("RMSE_WINDOW", 10_000))
+    # Outcome keys (learner.outcomes): seconds of event time each is remembered, and the most kept
+    outcome_window_s: float = field(default_factory=lambda: env_float(
+        "OUTCOME_WINDOW_S", StreamSettings().attribution_window_s + OUTCOME_MARGIN_S))
+    outcome_keys_max: int = field(default_factory=lambda: env_int("OUTCOME_KEYS_MAX", 4_000_000))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("LEARNER_WEB_PORT", 6067))

@@ -20,6 +20,7 @@ in the readers that import them.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Literal, TypedDict
 
 CLICK = "click"
@@ -103,6 +104,24 @@ def rating_example(event: dict) -> Example:
         "policy": None,
         "event_id": event["event_id"],
     }
+
+
+def outcome_key(kind: str, event_id: str, item_id: str) -> int:
+    """The identity of one outcome, the same in every framing of ``examples``: a 63-bit integer
+    digest of (kind, the event that settled the label, the item).
+
+    A worker that replays a batch after a crash re-sends the batch's outcomes with the same
+    three fields, so the learner can recognise them (``learner.outcomes``). A click's positive
+    (the click's event_id) and its slate's negatives (the impression's) never share a key. The
+    digest is stable across processes (unlike ``hash``), so remembered keys survive a restart;
+    two of 10 million remembered outcomes collide with probability about 5e-6.
+
+    >>> outcome_key("click", "e2", "b") == outcome_key("click", "e2", "b") != outcome_key("click", "e1", "b")
+    True
+    """
+    text = f"{len(kind)}:{kind}{len(event_id)}:{event_id}{item_id}"  # length-prefixed: no two triples alike
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def label_name(kind: str, label: float) -> str:
