@@ -3,11 +3,12 @@
 Every event on the ``events`` topic is a UTF-8 JSON object of at most 64 KiB. The package's
 modules, one job each:
 
-- ``schema``: the constants, the DLQ reason codes and the field tables, the single definition of
-  the contract, rendered as JSON Schema in ``event.schema.json`` (``python -m stream.events
+- ``model``: the contract as msgspec Structs (a tagged union on ``type``), the compiled validator
+  of the hot paths and the source of ``event.schema.json`` (``python -m stream.events
   --write-schema``);
-- ``validation``: ``validate``, a fast path for valid events and a detailed one that names every
-  problem with its field path and reason;
+- ``schema``: the constants, the DLQ reason codes and the field tables of the detailed validator;
+- ``validation``: ``validate``, msgspec's check for valid events and a detailed path that names
+  every problem with its field path and reason;
 - ``codec``: ``decode`` (the worker, every message) and ``encode`` (the producer SDK, every send);
 - ``builders``: ``impression``, ``click``, ``rating`` with the envelope filled in.
 
@@ -34,9 +35,8 @@ from stream.events.schema import (
     REASONS,
     SCHEMA_PATH,
     SCHEMA_VERSION,
-    json_schema,
-    schema_text,
 )
+from stream.events.model import json_schema, schema_text
 from stream.events.validation import validate
 
 __all__ = [

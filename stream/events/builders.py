@@ -21,16 +21,20 @@ def impression(
     *,
     surface: str | None = None,
     context: dict | None = None,
+    variant: str | None = None,
     ts: float | None = None,
     event_id: str | None = None,
 ) -> dict:
-    """An impression event; ``items`` are ``{item_id, position, propensity[, score]}`` dicts."""
+    """An impression event; ``items`` are ``{item_id, position, propensity[, score]}`` dicts;
+    ``variant`` is the A/B variant serving named in its response, if any."""
     event = _envelope("impression", user_id, ts, event_id)
     event.update(request_id=request_id, model_version=model_version, policy=policy, items=items)
     if surface is not None:
         event["surface"] = surface
     if context is not None:
         event["context"] = context
+    if variant is not None:
+        event["variant"] = variant
     return event
 
 

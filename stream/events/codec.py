@@ -1,9 +1,10 @@
 """Bytes to events and back: ``decode`` for the worker (every Kafka message), ``encode`` for the SDK.
 
-Both validate with ``validation`` and both have a fast path for the common, valid event (orjson)
-and a strict path through the standard library that decides every other case, so that a dead
-letter's reason never depends on which parser saw the message first. ``decode`` turns the first
-problem's reason into the DLQ reason (``streamrec_dlq_total{reason}``).
+Both validate with ``validation`` and both have a fast path for the common, valid event
+(msgspec's compiled Struct check of the JSON text, orjson for the dict the callers get) and a
+strict path through the standard library that decides every other case, so that a dead letter's
+reason never depends on which parser saw the message first. ``decode`` turns the first problem's
+reason into the DLQ reason (``streamrec_dlq_total{reason}``).
 """
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ from stream.events.errors import InvalidEvent, Problem, ValidationError
 from stream.events.schema import DEFAULT_MAX_FUTURE_S, MAX_EVENT_BYTES
 from stream.events.validation import (
     _explain,
-    _fields_valid,
     _finite_outside_tables,
+    accepts,
+    holds_clock_and_slate_rules,
     holds_only_table_fields,
+    is_event_text,
+    to_json,
     validate,
 )
 
@@ -37,9 +41,11 @@ def decode(raw: bytes | None, *, now: float | None = None, max_future_s: float =
     ``now`` and ``max_future_s`` are the validating clock and tolerance of ``validate``; the worker
     reads its clock once per batch and passes it.
 
-    The common case, a valid event, takes the fast path: orjson parses the bytes (UTF-8 checked;
-    NaN, Infinity, numbers beyond a double and unpaired surrogates refused) and ``_fields_valid``
-    accepts the result. Anything else is parsed again by the standard library and explained.
+    The common case, a valid event, takes the fast path: msgspec's typed decoder passes the bytes
+    (``is_event_text``), orjson parses them into the dict returned (UTF-8 checked; NaN, Infinity,
+    numbers beyond a double and unpaired surrogates refused, so every number in it is finite) and
+    ``holds_clock_and_slate_rules`` checks the rest. Anything else is parsed again by the standard
+    library and explained.
     """
     if raw is None:
         raise InvalidEvent("not_json", "the message has no value")
@@ -47,13 +53,14 @@ def decode(raw: bytes | None, *, now: float | None = None, max_future_s: float =
         raise InvalidEvent("too_large", f"{len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
     if now is None:
         now = time.time()
-    try:
-        event = orjson.loads(raw)
-    except ValueError:  # orjson.JSONDecodeError: the exact reason comes from the slow path
-        pass
-    else:
-        if _fields_valid(event, now + max_future_s):  # what orjson returns holds only finite numbers
-            return event
+    if is_event_text(raw):  # so a JSON object: orjson parses it to a dict, or refuses it
+        try:
+            event = orjson.loads(raw)
+        except ValueError:  # orjson.JSONDecodeError, e.g. an int beyond 64 bits: the slow path decides
+            pass
+        else:
+            if holds_clock_and_slate_rules(event, now + max_future_s):
+                return event
     return _decode_slow(raw, now, max_future_s)
 
 
@@ -89,22 +96,24 @@ def encode(event: dict, *, now: float | None = None, max_future_s: float = DEFAU
 
     ``now`` and ``max_future_s`` are the validating clock and tolerance of ``validate``.
 
-    An event whose table fields are valid and that holds nothing else is valid, and every value
-    in it has been checked (strings, finite numbers, lists and dicts of them): orjson writes it
-    exactly as the standard library would, several times faster, and the producer SDK encodes
-    every event it sends. Anything else (``context``, unknown fields) is validated in full and may
-    hold values the two libraries treat differently (orjson serialises datetimes), so it takes the
-    standard library's strict path.
+    orjson writes the event and msgspec's Struct check reads that text back (``accepts``). An
+    event it accepts that holds nothing but table fields has had every value checked (strings,
+    finite numbers, lists and dicts of them), so orjson's text is exactly what the standard
+    library would write, several times faster; the producer SDK encodes every event it sends.
+    Anything else (``context``, unknown fields) is validated in full and may hold values the two
+    libraries treat differently (orjson serialises datetimes), so it takes the standard library's
+    strict path.
     """
     if now is None:
         now = time.time()
-    if not _fields_valid(event, now + max_future_s):
+    fast = to_json(event)
+    if fast is None or not accepts(fast, event, now + max_future_s):
         problems = _explain(event, now, max_future_s)  # empty for valid subclasses of str, float, ...
         if problems:
             raise ValidationError(problems)
         raw = _encode_strict(event)
     elif holds_only_table_fields(event):
-        raw = _encode_fast(event) or _encode_strict(event)
+        raw = fast
     elif _finite_outside_tables(event):
         raw = _encode_strict(event)
     else:
@@ -112,14 +121,6 @@ def encode(event: dict, *, now: float | None = None, max_future_s: float = DEFAU
     if len(raw) > MAX_EVENT_BYTES:
         raise ValidationError([Problem("", "too_large", f"{len(raw)} bytes encoded, at most {MAX_EVENT_BYTES} allowed")])
     return raw
-
-
-def _encode_fast(event: dict) -> bytes | None:
-    """orjson's encoding of a valid event that holds only table fields; None where it refuses."""
-    try:
-        return orjson.dumps(event)
-    except TypeError:  # a subclass of float, an int beyond 64 bits: the strict path decides
-        return None
 
 
 def _encode_strict(event: dict) -> bytes:

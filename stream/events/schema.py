@@ -1,11 +1,11 @@
-"""The event contract's single definition: constants, reason codes, field tables, JSON Schema.
+"""The event contract's constants and reason codes, and the field tables of the detailed validator.
 
-The field tables (``COMMON``, ``BY_TYPE``, ``ITEM``) list every field with whether it is required
-and its kind; a kind checks one value (``check``, for the detailed validator) and renders the
-same rule as JSON Schema (``schema``). ``json_schema()`` renders the tables as JSON Schema
-(draft 2020-12), committed as ``stream/events/event.schema.json``
-(``python -m stream.events --write-schema``). The fast validator in ``validation`` is these rules
-written out inline.
+The compiled validator and the JSON Schema are the msgspec Structs of ``model``. msgspec stops at
+the first violation and words it its own way; a dead letter needs every problem, each with a
+field path and one of ``REASONS``. So the field tables (``COMMON``, ``BY_TYPE``, ``ITEM``) list
+every field with whether it is required and its kind, and a kind's ``check`` names what is wrong
+with one value, for ``validation._explain``, which runs only on events the Structs refuse.
+tests/unit/test_events.py checks that both accept exactly the same events.
 """
 from __future__ import annotations
 
@@ -73,7 +73,6 @@ def json_kind(value: Any) -> str:
 
 # A field kind checks one value: ``check`` returns None when it is valid, else a list of
 # (sub-path, reason, message) relative to the field, e.g. ("[2].position", ...) for a slate.
-# ``schema`` renders the same rule as JSON Schema.
 Found = list[tuple[str, str, str]]
 
 
@@ -88,9 +87,6 @@ class Id:
         if not v:
             return [("", "invalid_value", "must not be empty")]
         return [("", "invalid_value", f"has {len(v)} characters, at most {MAX_ID_CHARS} allowed")]
-
-    def schema(self) -> dict:
-        return {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}
 
 
 class Number:
@@ -121,45 +117,21 @@ class Number:
         high = None if self.high == FLOAT_MAX else f"{'<' if self.high_open else '<='} {self.high:g}"
         return " and ".join(["a finite number"] + [bound for bound in (low, high) if bound])
 
-    def schema(self) -> dict:
-        out: dict[str, Any] = {"type": "number"}
-        if self.low != -FLOAT_MAX:
-            out["exclusiveMinimum" if self.low_open else "minimum"] = self.low
-        if self.high != FLOAT_MAX:
-            out["exclusiveMaximum" if self.high_open else "maximum"] = self.high
-        return out
 
-
-class Timestamp(Number):
-    """Epoch seconds in [0, MAX_TS); how far ahead of the clock is the validator's to check
-    (``validation``), since it depends on the clock that reads the event."""
-
-    def __init__(self) -> None:
-        super().__init__(0.0, MAX_TS, high_open=True)
-
-    def schema(self) -> dict:
-        return {
-            **super().schema(),
-            "description": (
-                "Epoch seconds. Any time in the past is valid (replays of old data); a time more than "
-                f"a configured tolerance (default {DEFAULT_MAX_FUTURE_S:g} s) ahead of the validating "
-                "clock is invalid (reason ts_in_future)."
-            ),
-        }
+def is_integer(v: Any) -> bool:
+    """An int or a subclass of it (an IntEnum: JSON writes it as its number), never a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Position:
     """A slate position: an integer (not bool, not 2.0) in 1..MAX_POSITION."""
 
     def check(self, v: Any) -> Found | None:
-        if type(v) is int and 1 <= v <= MAX_POSITION:
+        if is_integer(v) and 1 <= v <= MAX_POSITION:
             return None
-        if type(v) is not int:
+        if not is_integer(v):
             return [("", "wrong_type", f"must be an integer, got {describe(v)}")]
         return [("", "invalid_value", f"must be in 1..{MAX_POSITION}, got {v}")]
-
-    def schema(self) -> dict:
-        return {"type": "integer", "minimum": 1, "maximum": MAX_POSITION}
 
 
 class Enum:
@@ -175,22 +147,16 @@ class Enum:
             return [("", "wrong_type", f"must be a string, got {json_kind(v)}")]
         return [("", self.reason, f"must be one of {', '.join(self.values)}, got {describe(v)}")]
 
-    def schema(self) -> dict:
-        return {"type": "string", "enum": list(self.values)}
-
 
 class SchemaVersion:
     """The integer SCHEMA_VERSION; another integer is a version this code cannot read."""
 
     def check(self, v: Any) -> Found | None:
-        if type(v) is int and v == SCHEMA_VERSION:
+        if is_integer(v) and v == SCHEMA_VERSION:
             return None
-        if type(v) is not int:
+        if not is_integer(v):
             return [("", "wrong_type", f"must be an integer, got {describe(v)}")]
         return [("", "unsupported_schema_version", f"{v} is not supported (this reader knows {SCHEMA_VERSION})")]
-
-    def schema(self) -> dict:
-        return {"type": "integer", "const": SCHEMA_VERSION}
 
 
 class Object:
@@ -200,9 +166,6 @@ class Object:
         if isinstance(v, dict):
             return None
         return [("", "wrong_type", f"must be an object, got {json_kind(v)}")]
-
-    def schema(self) -> dict:
-        return {"type": "object"}
 
 
 # A field table: (name, required, kind), checked in this order; the first problem's reason is the
@@ -228,7 +191,8 @@ def check_fields(obj: dict, fields: Fields) -> Found | None:
     return found
 
 ID = Id()
-TS = Timestamp()
+# Epoch seconds; how far ahead of the clock is ``validation``'s to check (it depends on the clock).
+TS = Number(0.0, MAX_TS, high_open=True)
 ITEM: Fields = (
     ("item_id", True, ID),
     ("position", True, Position()),
@@ -258,21 +222,12 @@ class Slate:
                 found = found or []
                 found.extend((f"[{i}].{sub}", reason, message) for sub, reason, message in bad)
             position = item.get("position")
-            if type(position) is int:
+            if is_integer(position):
                 if position in seen:
                     found = found or []
                     found.append((f"[{i}].position", "invalid_value", f"{position} is used by an earlier item"))
                 seen.add(position)
         return found
-
-    def schema(self) -> dict:
-        return {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": MAX_SLATE,
-            "items": fields_schema(ITEM),
-            "description": "Shown items; positions are unique within the slate (not expressible in JSON Schema).",
-        }
 
 
 COMMON: Fields = (
@@ -290,6 +245,7 @@ BY_TYPE: dict[str, Fields] = {
         ("items", True, Slate()),
         ("surface", False, ID),
         ("context", False, Object()),
+        ("variant", False, ID),  # the A/B variant that served the slate (serving.variants)
     ),
     "click": (
         ("request_id", True, ID),
@@ -309,42 +265,3 @@ CHECKED_FIELDS = {
     for event_type, fields in BY_TYPE.items()
 }
 CHECKED_ITEM_FIELDS = frozenset(name for name, _, _ in ITEM)
-
-
-def fields_schema(fields: Fields) -> dict:
-    """One field table as a JSON Schema object."""
-    return {
-        "type": "object",
-        "required": [name for name, required, _ in fields if required],
-        "properties": {name: kind.schema() for name, _, kind in fields},
-    }
-
-
-def json_schema() -> dict:
-    """The contract as JSON Schema (draft 2020-12), rendered from the field tables."""
-    common = fields_schema(COMMON)
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "urn:streamrec:event:1",
-        "title": "streamrec event",
-        "description": (
-            f"One event on the events topic: a UTF-8 JSON object of at most {MAX_EVENT_BYTES} bytes. "
-            "Unknown fields are allowed and ignored; every number anywhere in the event (context, "
-            "unknown fields and their nested values included) is finite, and a contract field's number "
-            "is never a boolean. Invalid events go to events.dlq with one of the reasons: "
-            f"{', '.join(REASONS)}."
-        ),
-        **common,
-        "allOf": [
-            {
-                "if": {"properties": {"type": {"const": event_type}}, "required": ["type"]},
-                "then": fields_schema(fields),
-            }
-            for event_type, fields in BY_TYPE.items()
-        ],
-    }
-
-
-def schema_text() -> str:
-    """The exact contents of ``stream/events/event.schema.json``."""
-    return json.dumps(json_schema(), indent=2) + "\n"

@@ -1,12 +1,14 @@
-"""Event validation: a fast path for the common, valid event and a detailed path that names every problem.
+"""Event validation: msgspec's compiled check for the common, valid event, a detailed path that names every problem.
 
 The validator is on the stream worker's hot path (every event) and the producer SDK's (every
-send): ``_is_valid`` accepts a valid event in a few inline comparisons per field (about 1 µs for a
-click, 4 µs for a 10-item slate); only an event it does not accept is walked through the field
-tables (``schema``) by ``_explain``, which reports every problem with a field path
-(``items[2].propensity``, ``context.x``) and a low-cardinality reason code.
+send). ``accepts`` is the verdict: msgspec decodes the event's JSON against the Structs of
+``model`` (every per-field rule, in C), and only what a Struct cannot say is checked here in
+Python: unique positions within a slate and ``ts`` against the clock. Only an event it does not
+accept is walked through the field tables (``schema``) by ``_explain``, which reports every
+problem with a field path (``items[2].propensity``, ``context.x``) and a low-cardinality reason
+code, so a dead letter's reason does not depend on which check saw it first.
 
-Beyond the field tables, two rules hold for the whole event:
+Beyond the per-field rules, two rules hold for the whole event:
 
 - ``ts`` may lie in the past without limit (replays of old data), but not more than
   ``max_future_s`` ahead of the validating clock (reason ``ts_in_future``);
@@ -19,7 +21,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
+import orjson
+
 from stream.events.errors import Problem
+from stream.events.model import Event
 from stream.events.schema import (
     BY_TYPE,
     CHECKED_FIELDS,
@@ -28,12 +34,6 @@ from stream.events.schema import (
     DEFAULT_MAX_FUTURE_S,
     FLOAT_MAX,
     ITEM,
-    MAX_ID_CHARS,
-    MAX_POSITION,
-    MAX_SLATE,
-    MAX_TS,
-    POLICIES,
-    SCHEMA_VERSION,
     TS,
     Found,
     check_fields,
@@ -41,7 +41,11 @@ from stream.events.schema import (
     json_kind,
 )
 
-_POLICY_SET = frozenset(POLICIES)
+# msgspec's typed JSON decoder: raises unless the text is an ``Event`` (Struct rules, C code).
+_STRUCT_DECODER = msgspec.json.Decoder(Event)
+# What it raises on a text that is not an Event: msgspec's errors (ValueErrors), invalid UTF-8
+# (UnicodeDecodeError, a ValueError) and nesting deeper than the interpreter's recursion limit.
+NOT_AN_EVENT = (ValueError, RecursionError)
 
 
 def validate(event: Any, *, now: float | None = None, max_future_s: float = DEFAULT_MAX_FUTURE_S) -> list[Problem]:
@@ -110,86 +114,54 @@ def _non_finite(value: Any, path: str) -> Iterator[tuple[str, Any]]:
             yield path, v
 
 
-def _is_id(v: Any) -> bool:
-    return type(v) is str and 0 < len(v) <= MAX_ID_CHARS
+def accepts(raw: bytes, event: dict, ts_limit: float) -> bool:
+    """True only if JSON text ``raw`` is a valid event whose ``ts`` is at most ``ts_limit``;
+    ``event`` is ``raw`` parsed (for the two rules a Struct cannot hold).
+
+    Numbers outside the Structs' fields (``context``, unknown fields) are not checked here: what
+    orjson parses is finite already, and ``_finite_outside_tables`` checks an event built in Python.
+    """
+    return is_event_text(raw) and holds_clock_and_slate_rules(event, ts_limit)
+
+
+def is_event_text(raw: bytes) -> bool:
+    """Whether msgspec decodes JSON text ``raw`` as an ``Event``: every per-field rule holds."""
+    try:
+        _STRUCT_DECODER.decode(raw)
+    except NOT_AN_EVENT:
+        return False
+    return True
+
+
+def holds_clock_and_slate_rules(event: dict, ts_limit: float) -> bool:
+    """The rules a Struct cannot hold, for an event whose fields msgspec accepted: ``ts`` at most
+    ``ts_limit`` and, for an impression, unique positions."""
+    if not event["ts"] <= ts_limit:
+        return False
+    if event["type"] != "impression":
+        return True
+    items = event["items"]
+    return len({item["position"] for item in items}) == len(items)
 
 
 def _is_valid(e: Any, ts_limit: float) -> bool:
-    """The hot path: True only for a valid event whose ``ts`` is at most ``ts_limit``."""
-    return _fields_valid(e, ts_limit) and _finite_outside_tables(e)
+    """The hot path for an event built in Python: True only for a valid event whose ``ts`` is at
+    most ``ts_limit``. Whatever it does not accept goes to ``_explain``, which decides;
+    tests/unit/test_events.py checks both agree."""
+    raw = to_json(e)
+    return raw is not None and accepts(raw, e, ts_limit) and _finite_outside_tables(e)
 
 
-def _fields_valid(e: Any, ts_limit: float) -> bool:
-    """True only if every field of the tables is valid and ``ts`` is at most ``ts_limit``.
-
-    It is the field tables' rules written out inline (exact builtin types only); whatever it does
-    not accept goes to ``_explain``, which decides. tests/unit/test_events.py checks both agree.
-    On its own it is the whole check of what orjson parsed: orjson refuses NaN, Infinity and
-    numbers that overflow a double, so every number it returns is finite.
-    """
+def to_json(e: Any) -> bytes | None:
+    """orjson's encoding of ``e``; None where it refuses (a float subclass, an int beyond 64 bits,
+    an unpaired surrogate, a key that is not a string), which the detailed path then decides.
+    orjson writes NaN and the infinities as null, which no contract number accepts."""
+    if not isinstance(e, dict):  # orjson also writes dataclasses as objects
+        return None
     try:
-        version, event_type, ts = e["schema_version"], e["type"], e["ts"]
-        if not (
-            type(version) is int
-            and version == SCHEMA_VERSION
-            and _is_id(e["event_id"])
-            and _is_id(e["user_id"])
-            and (type(ts) is float or type(ts) is int)
-            and 0.0 <= ts < MAX_TS
-            and ts <= ts_limit
-        ):
-            return False
-        if event_type == "impression":
-            return _is_valid_impression(e)
-        if event_type == "click":
-            position = e.get("position", 1)
-            return (
-                _is_id(e["request_id"])
-                and _is_id(e["item_id"])
-                and type(position) is int
-                and 1 <= position <= MAX_POSITION
-            )
-        if event_type == "rating":
-            value = e["value"]
-            return _is_id(e["item_id"]) and (type(value) is float or type(value) is int) and -FLOAT_MAX <= value <= FLOAT_MAX
-        return False
-    except (KeyError, TypeError):  # a missing field, or not a dict at all
-        return False
-
-
-def _is_valid_impression(e: dict) -> bool:
-    items, policy = e["items"], e["policy"]
-    if not (
-        _is_id(e["request_id"])
-        and _is_id(e["model_version"])
-        and type(policy) is str
-        and policy in _POLICY_SET
-        and type(items) is list
-        and 0 < len(items) <= MAX_SLATE
-        and ("surface" not in e or _is_id(e["surface"]))
-        and ("context" not in e or type(e["context"]) is dict)
-    ):
-        return False
-    positions = set()
-    for item in items:
-        if type(item) is not dict:
-            return False
-        item_id, position, propensity = item["item_id"], item["position"], item["propensity"]
-        if not (  # _is_id inlined: this loop runs once per shown item
-            type(item_id) is str
-            and 0 < len(item_id) <= MAX_ID_CHARS
-            and type(position) is int
-            and 1 <= position <= MAX_POSITION
-            and (type(propensity) is float or type(propensity) is int)
-            and 0.0 < propensity <= 1.0
-        ):
-            return False
-        if "score" in item:
-            score = item["score"]
-            if not ((type(score) is float or type(score) is int) and -FLOAT_MAX <= score <= FLOAT_MAX):
-                return False
-        positions.add(position)
-    return len(positions) == len(items)
+        return orjson.dumps(e)
+    except TypeError:  # orjson.JSONEncodeError
+        return None
 
 
 def holds_only_table_fields(event: dict) -> bool:

@@ -415,16 +415,25 @@ def test_committed_schema_file_is_in_sync() -> None:
 
 
 def test_json_schema_mirrors_the_contract() -> None:
+    """The generated schema is a union tagged on ``type`` whose members carry the contract's rules."""
     schema = events.json_schema()
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert set(schema["required"]) == {"event_id", "type", "user_id", "ts", "schema_version"}
-    by_type = {rule["if"]["properties"]["type"]["const"]: rule["then"] for rule in schema["allOf"]}
-    assert set(by_type) == set(events.EVENT_TYPES)
-    assert set(by_type["impression"]["required"]) == {"request_id", "model_version", "policy", "items"}
-    item = by_type["impression"]["properties"]["items"]["items"]
+    mapping = schema["discriminator"]["mapping"]
+    assert schema["discriminator"]["propertyName"] == "type" and set(mapping) == set(events.EVENT_TYPES)
+    by_type = {name: schema["$defs"][ref.rsplit("/", 1)[1]] for name, ref in mapping.items()}
+    for name, member in by_type.items():
+        assert member["properties"]["type"] == {"enum": [name]}
+        assert {"event_id", "type", "user_id", "ts", "schema_version"} <= set(member["required"])
+        assert member["properties"]["user_id"] == {"type": "string", "maxLength": 256, "minLength": 1}
+    assert set(by_type["impression"]["required"]) == {
+        "event_id", "type", "user_id", "ts", "schema_version", "request_id", "model_version", "policy", "items"}
+    item = schema["$defs"]["Item"]
     assert item["properties"]["propensity"] == {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1.0}
-    assert by_type["impression"]["properties"]["policy"]["enum"] == list(events.POLICIES)
-    assert by_type["click"]["required"] == ["request_id", "item_id"]
+    assert item["properties"]["position"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert set(by_type["impression"]["properties"]["policy"]["enum"]) == set(events.POLICIES)
+    assert by_type["impression"]["properties"]["variant"]["minLength"] == 1
+    assert "position" in by_type["click"]["properties"] and "position" not in by_type["click"]["required"]
+    assert by_type["rating"]["properties"]["ts"]["exclusiveMaximum"] == events.MAX_TS
 
 
 # Values that each field kind may meet: valid and invalid, of every JSON type.
