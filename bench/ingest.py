@@ -10,7 +10,7 @@ measures in the same run:
   the event (one per shown item of an impression, one per rating), built from a fixed example
   and sent through the worker's own ``BatchSender`` with ``acks=all``. It is the Kafka traffic the
   pipeline cannot avoid, without any of its logic: no validation, join, dedupe or log;
-- ``pipeline``: ``streamrec worker`` (Faust: validate, dedupe, Parquet log, click join, sends to
+- ``pipeline``: ``streamrec worker`` (Faust: validate, dedupe, Delta log, click join, sends to
   ``examples``), timed from its first accepted event to its N-th through its /metrics counter.
 
 All start with the data already in Kafka, so all are measured at full speed. The figure that
@@ -19,6 +19,11 @@ matters is ``ratio`` = pipeline / raw: the machine is shared and noisy, the rati
 through aiokafka from Python: what is left between the two is the pipeline's own work.
 ``cpu_stolen_share`` is the share of the machine's CPU time the hypervisor gave to other guests
 while the pipeline ran (``steal`` in /proc/stat), to say how noisy it was.
+
+The log's cost: ``log_commits`` flushes, each ``log_commit_ms_p50`` / ``log_commit_ms_p99`` of wall
+time (data files and commits of both tables, from the worker's ``streamrec_log_commit_seconds``
+histogram, interpolated within its buckets), and ``log_files`` data files after the run (before
+any compaction). Measurements: docs/log.md.
 
     python -m bench.ingest            # 200,000 events
     python -m bench.ingest --quick    # 30,000 events
@@ -44,7 +49,7 @@ from stream.events import impression
 from stream.examples import NEGATIVE, click_examples
 from stream.topics import Topics
 from stream.tools.kafka_local import broker_for_run, free_port
-from stream.tools.scrape import scrape, total
+from stream.tools.scrape import Samples, scrape, total
 from stream.worker.output import BatchSender
 from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
@@ -135,13 +140,48 @@ def fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
     return asyncio.run(_fanout_consume(bootstrap, topic, out_topic, n))
 
 
+def _after_last_flush(port: int, settle_s: float = 8.0) -> Samples:
+    """The worker's metrics once its flush count has not moved for longer than a flush interval
+    (5 s by default): the rows it accepted are all in the log then."""
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    deadline = time.monotonic() + 60.0
+    last, since = total(samples, "streamrec_log_commit_seconds_count"), time.monotonic()
+    while time.monotonic() - since < settle_s and time.monotonic() < deadline:
+        time.sleep(0.5)
+        samples = scrape(f"http://127.0.0.1:{port}/metrics") or samples
+        count = total(samples, "streamrec_log_commit_seconds_count")
+        if count != last:
+            last, since = count, time.monotonic()
+    return samples
+
+
 def _events_seen(port: int) -> float:
     samples = scrape(f"http://127.0.0.1:{port}/metrics")
     return total(samples, "streamrec_events_total") + total(samples, "streamrec_duplicates_total")
 
 
-def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool, timeout_s: float) -> tuple[float, float]:
-    """Run ``streamrec worker`` over the topic; return (events per second, the worker's peak RSS in MB)."""
+def histogram_quantile(samples: Samples, name: str, q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram, interpolated linearly inside its bucket (as
+    PromQL's ``histogram_quantile``); None when it has no observation."""
+    buckets = sorted((float(dict(labels)["le"]), value) for (sample, labels), value in samples.items()
+                     if sample == f"{name}_bucket")
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool,
+                     timeout_s: float) -> tuple[float, float, Samples]:
+    """Run ``streamrec worker`` over the topic; return (events per second, the worker's peak RSS in
+    MB, its metrics once its last flush is committed)."""
     port = free_port()
     proc = spawn(workdir, "worker", "worker", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix,
                  "--log-dir", str(workdir / "log"), "--web-port", str(port), *(() if anomaly else ("--no-anomaly",)))
@@ -161,13 +201,23 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
             time.sleep(0.05)
         bar.close()
         rate = (n - first_n) / (time.perf_counter() - first_t)
+        samples = _after_last_flush(port)
         peak_kb = 0
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peak_kb = int(line.split()[1])
-        return rate, peak_kb / 1024
+        return rate, peak_kb / 1024, samples
     finally:
         stop(proc)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def log_data_files(root: Path) -> int:
+    """Data files of the log after the run (Parquet files outside Delta's ``_delta_log``)."""
+    return sum(1 for path in root.rglob("*.parquet") if "_delta_log" not in path.parts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_topics(bootstrap, args.partitions, fanout_topics)
         fanout = fanout_consume(bootstrap, topics.events, fanout_topics.examples, n)
         with StolenCpu() as stolen:
-            pipeline, peak_rss = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
+            pipeline, peak_rss, samples = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
+        files = log_data_files(Path(tmp) / "log")
     result = {
         "events": n,
         "pipeline_events_per_s": round(pipeline, 1),
@@ -202,6 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
         "fanout_events_per_s": round(fanout, 1),
         "fanout_ratio": round(fanout / raw, 3),
         "peak_rss_mb": round(peak_rss, 1),
+        "log_files": files,
+        "log_commits": int(total(samples, "streamrec_log_commit_seconds_count")),
+        "log_commit_ms_p50": _ms(histogram_quantile(samples, "streamrec_log_commit_seconds", 0.5)),
+        "log_commit_ms_p99": _ms(histogram_quantile(samples, "streamrec_log_commit_seconds", 0.99)),
         "produce_events_per_s": round(produce_rate, 1),
         "partitions": args.partitions,
         "anomaly_agent": args.anomaly,

@@ -23,6 +23,8 @@ BASELINE_LOGLOSS = Gauge("streamrec_prequential_baseline_logloss", "Log loss of 
 BATCH_SECONDS = Histogram("streamrec_learner_batch_seconds", "Wall time of one training micro-batch.",
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 PUBLISH_TS = Gauge("streamrec_model_publish_timestamp_seconds", "When the learner last published a delta.")
+RECONNECTS = Counter("streamrec_learner_reconnects", "Times the learner replaced its consumer of `examples` "
+                     "because polls returned nothing while examples were waiting (after a broker outage).")
 # Outcomes sent twice (a worker replaying a batch after a crash) and skipped: learner.outcomes
 DUPLICATES = Counter("streamrec_learner_duplicates", "Examples skipped because their outcome was already trained "
                      "(same kind, event_id and item_id, within the remembered window).")

@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from learner.calibration import PositionCalibration
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
-                             OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_TS, RMSE, SKIPPED)
+                             OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_TS, RECONNECTS, RMSE, SKIPPED)
 from learner.online_mf import OnlineMF
 from learner.outcomes import OutcomeWindow
 from learner.quality import ClickQuality, RatingQuality
@@ -53,6 +54,9 @@ from stream.examples import CLICK, EXAMPLE_KINDS, RATING, Example, outcome_key
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# Seconds without examples after which the learner asks whether some are waiting (``_stalled``).
+STALL_CHECK_S = 30.0
 
 
 class Checkpointer:
@@ -299,21 +303,9 @@ class Learner:
     def run(self, max_idle_s: float | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT), or until idle for ``max_idle_s`` if given."""
         s = self.settings
-        consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, enable_auto_commit=False,
-                                 group_id=None, max_poll_records=s.batch_size,
-                                 fetch_max_bytes=16 * 1024 * 1024)
         producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5,
                                  max_request_size=8 * 1024 * 1024)
-        partitions = sorted(consumer.partitions_for_topic(self.topics.examples) or [])
-        if not partitions:
-            raise RuntimeError(f"topic {self.topics.examples} does not exist (start the worker or create topics)")
-        tps = [TopicPartition(self.topics.examples, p) for p in partitions]
-        consumer.assign(tps)
-        for tp in tps:
-            if tp.partition in self.offsets:
-                consumer.seek(tp, self.offsets[tp.partition])
-            else:
-                consumer.seek_to_beginning(tp)
+        consumer, tps = self._consumer()
         self._continue_after_restart()
         if s.web_port:
             start_http_server(s.web_port, addr=s.web_host)
@@ -321,10 +313,15 @@ class Learner:
         last_publish = last_checkpoint = now
         last_snapshot = now if self.seq else now - s.snapshot_interval_s
         snapshot_seq = None  # seq of the last snapshot this run wrote
-        last_data = now
+        last_data = last_stall_check = now
         log.info("learning from %s (%d partitions) on %s", self.topics.examples, len(tps), self.model.device)
         try:
             while not self._stop:
+                if time.monotonic() - max(last_data, last_stall_check) >= STALL_CHECK_S:
+                    last_stall_check = time.monotonic()
+                    if self._stalled(consumer, tps):
+                        consumer.close()
+                        consumer, tps = self._consumer()
                 polled = consumer.poll(timeout_ms=int(s.batch_timeout_s * 1000), max_records=s.batch_size)
                 examples = []
                 for tp, records in polled.items():
@@ -356,6 +353,42 @@ class Learner:
         finally:
             consumer.close()
             producer.close()
+
+    def _consumer(self) -> tuple[KafkaConsumer, list[TopicPartition]]:
+        """A consumer assigned every partition of ``examples``, at the learner's next offsets."""
+        s = self.settings
+        consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, enable_auto_commit=False,
+                                 group_id=None, max_poll_records=s.batch_size,
+                                 fetch_max_bytes=16 * 1024 * 1024)
+        partitions = sorted(consumer.partitions_for_topic(self.topics.examples) or [])
+        if not partitions:
+            consumer.close()
+            raise RuntimeError(f"topic {self.topics.examples} does not exist (start the worker or create topics)")
+        tps = [TopicPartition(self.topics.examples, p) for p in partitions]
+        consumer.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                consumer.seek(tp, self.offsets[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+        return consumer, tps
+
+    def _stalled(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> bool:
+        """True when ``examples`` holds records past the learner's offsets although polls return
+        nothing: after a broker outage the consumer can stay connected to nothing (seen with
+        kafka-python 3.0 after a 60 s outage), and only a new one reads again."""
+        try:
+            ends = consumer.end_offsets(tps)
+        except KafkaError as err:  # the broker is still away: nothing to decide yet
+            log.info("examples' end offsets unavailable (%s); the learner keeps waiting", err)
+            return False
+        behind = {tp.partition: end - self.offsets.get(tp.partition, 0) for tp, end in ends.items()
+                  if end > self.offsets.get(tp.partition, 0)}
+        if behind:
+            log.warning("no examples for %.0f s although %d are waiting (%s); reconnecting the consumer",
+                        STALL_CHECK_S, sum(behind.values()), behind)
+            RECONNECTS.inc()
+        return bool(behind)
 
 
 def run_learner(settings: LearnerSettings) -> None:

@@ -6,6 +6,7 @@ an existing cluster; when it is unset the CLI, tests and benchmarks start the lo
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ def state_dir() -> Path:
     return Path(env("HOME", str(PROJECT_ROOT / ".streamrec")))
 
 
+def log_location(value: str) -> Path | str:
+    """A log root as given: an object-store URL stays a string, anything else is a local path."""
+    return value if "://" in value else Path(value)
+
+
 @dataclass
 class StreamSettings:
     """Settings of the stream worker; every field has a ``STREAMREC_*`` variable as its default."""
@@ -42,7 +48,11 @@ class StreamSettings:
     bootstrap_servers: str = field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""))
     partitions: int = field(default_factory=lambda: env_int("PARTITIONS", 4))
     topic_prefix: str = field(default_factory=lambda: env("TOPIC_PREFIX", ""))
-    log_dir: Path = field(default_factory=lambda: Path(env("LOG_DIR", str(state_dir() / "log"))))
+    # The log's root: a local folder, or an object-store URL (s3://bucket/prefix) for workers on
+    # several hosts, with the store's options (credentials, endpoint, locking) as a JSON object.
+    log_dir: Path | str = field(default_factory=lambda: log_location(env("LOG_DIR", str(state_dir() / "log"))))
+    log_storage_options: dict[str, str] = field(
+        default_factory=lambda: json.loads(env("LOG_STORAGE_OPTIONS", "{}")))
     dedupe_window_s: float = field(default_factory=lambda: env_float("DEDUPE_WINDOW_S", 3600.0))
     attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 30 * 60.0))
     idle_grace_s: float = field(default_factory=lambda: env_float("IDLE_GRACE_S", 2.0))
@@ -56,6 +66,12 @@ class StreamSettings:
     # rows or its oldest row waited log_flush_interval_s; offsets are committed after each flush.
     log_flush_rows: int = field(default_factory=lambda: env_int("LOG_FLUSH_ROWS", 200_000))
     log_flush_interval_s: float = field(default_factory=lambda: env_float("LOG_FLUSH_INTERVAL_S", 5.0))
+    # The worker compacts the log's small files (stream.log.maintenance) every
+    # log_compact_interval_s seconds (0: never): the hours closed log_compact_min_age_s ago that
+    # hold at least log_compact_min_files small files.
+    log_compact_interval_s: float = field(default_factory=lambda: env_float("LOG_COMPACT_INTERVAL_S", 600.0))
+    log_compact_min_files: int = field(default_factory=lambda: env_int("LOG_COMPACT_MIN_FILES", 10))
+    log_compact_min_age_s: float = field(default_factory=lambda: env_float("LOG_COMPACT_MIN_AGE_S", 3600.0))
     # The anomaly detector's learned state is checkpointed after a log flush at most this often
     # (seconds), and at a clean stop (stream.anomaly, "Restarts").
     detector_checkpoint_interval_s: float = field(

@@ -49,6 +49,7 @@ class Example(TypedDict):
     anomalous: bool  # the user was flagged by the anomaly detector (the learner skips it)
     policy: str | None  # the policy that chose the slate (None for ratings)
     event_id: str  # the event the example came from: the click, the impression or the rating
+    variant: str | None  # the A/B variant that served the slate (None for ratings and outside A/B tests)
 
 
 # The field names, in the order the log's ``examples`` table stores them.
@@ -65,8 +66,9 @@ def click_examples(
 ) -> list[Example]:
     """One click example per item of ``items``, shown by the (valid) event ``impression``, all
     labelled ``label``; ``ts`` and ``event_id`` are those of the event that settled the label."""
-    user_id, model_version, request_id, policy = (
-        impression["user_id"], impression["model_version"], impression["request_id"], impression["policy"])
+    user_id, model_version, request_id, policy, variant = (
+        impression["user_id"], impression["model_version"], impression["request_id"], impression["policy"],
+        impression.get("variant"))
     return [  # this loop runs once per shown item
         {
             "user_id": user_id,
@@ -82,6 +84,7 @@ def click_examples(
             "anomalous": False,
             "policy": policy,
             "event_id": event_id,
+            "variant": variant,
         }
         for item in items
     ]
@@ -103,6 +106,7 @@ def rating_example(event: dict) -> Example:
         "anomalous": False,
         "policy": None,
         "event_id": event["event_id"],
+        "variant": None,
     }
 
 

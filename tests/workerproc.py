@@ -12,21 +12,24 @@ from typing import Callable, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 
-from stream.log.table import EVENTS, EXAMPLES, ParquetLog
+from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.topics import Topics
 
 
 class WorkerProcess:
-    """One ``streamrec worker`` process on its own topic prefix, log folder and state folder."""
+    """One ``streamrec worker`` process on its own topic prefix and state folder; its log folder is
+    ``root/log`` unless ``log_dir`` names one that several workers of a group share."""
 
-    def __init__(self, bootstrap: str, prefix: str, root: Path, *extra: str, anomaly: bool = False) -> None:
+    def __init__(self, bootstrap: str, prefix: str, root: Path, *extra: str, anomaly: bool = False,
+                 log_dir: Path | None = None) -> None:
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.root = root
-        self.log_dir = root / "log"
+        root.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir or root / "log"
         self.extra = extra if anomaly else (*extra, "--no-anomaly")
         self.proc: subprocess.Popen | None = None
-        self.log = ParquetLog(self.log_dir)
+        self.log = DeltaLog(self.log_dir)
         self.runs = 0
 
     def start(self) -> "WorkerProcess":
@@ -121,3 +124,22 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -
     finally:
         consumer.close()
     return out
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """The end offset of every partition of ``topic``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()
+
+
+def log_caught_up(bootstrap: str, prefix: str, log: DeltaLog) -> bool:
+    """Whether the log records, for the worker group of ``prefix``, every message of its
+    ``events`` topic: nothing more is on its way into the log."""
+    topic = Topics(prefix).events
+    ends = end_offsets(bootstrap, topic)
+    resume = log.resume_offsets(prefix + "streamrec-ingest", topic, ends)
+    return bool(ends) and all((resume[p] or 0) >= end for p, end in ends.items())

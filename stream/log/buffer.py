@@ -1,6 +1,6 @@
 """Rows the worker has accepted but not yet written to the log, and the Kafka offsets they cover.
 
-Writing the Parquet log once per consumer batch makes one file per batch and dataset: under light
+Committing to the log once per consumer batch makes one data file per batch and table: under light
 traffic a batch is a handful of events, and a day becomes tens of thousands of tiny files. The
 buffer collects the rows of many batches and says when to flush them: when it holds
 ``flush_rows`` rows, or when its oldest row has waited ``flush_interval_s``. The worker commits

@@ -3,7 +3,7 @@
 The OBP reads one row per shown item: ``timestamp, item_id, position, click, propensity_score``
 (the same columns as the Open Bandit Dataset CSVs), to which we add the ids that trace each row
 back to its slate (``user_id``, ``request_id``, ``model_version``, ``policy``). The rows come from
-the ``examples`` dataset of the log, where every shown item carries its click label once its
+the ``examples`` table of the log (a local folder or an object-store URL), where every shown item carries its click label once its
 attribution window has closed.
 """
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from stream.log.table import EXAMPLES, ParquetLog
+from stream.log.table import EXAMPLES, DeltaLog
 
 OBP_COLUMNS = ["timestamp", "item_id", "position", "click", "propensity_score",
                "user_id", "request_id", "model_version", "policy"]
 
 
-def obp_frame(log_dir: Path, policy: str | None = None) -> pd.DataFrame:
+def obp_frame(log_dir: str | Path, policy: str | None = None, storage_options: dict[str, str] | None = None) -> pd.DataFrame:
     """The logged click examples as an OBP-layout DataFrame, in time order."""
-    df = ParquetLog(log_dir).read(EXAMPLES)
+    df = DeltaLog(log_dir, storage_options).read(EXAMPLES)
     df = df[df["kind"] == "click"]
     if policy is not None:
         df = df[df["policy"] == policy]
@@ -38,9 +38,10 @@ def obp_frame(log_dir: Path, policy: str | None = None) -> pd.DataFrame:
     return out.sort_values(["timestamp", "request_id", "position"], kind="stable").reset_index(drop=True)
 
 
-def export_obp(log_dir: Path, out: Path, policy: str | None = None) -> int:
+def export_obp(log_dir: str | Path, out: Path, policy: str | None = None,
+               storage_options: dict[str, str] | None = None) -> int:
     """Write the OBP-layout CSV to ``out``; return the number of rows."""
-    frame = obp_frame(log_dir, policy)
+    frame = obp_frame(log_dir, policy, storage_options)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False, float_format="%.17g")
     return len(frame)

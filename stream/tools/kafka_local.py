@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -100,6 +101,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_below_ephemeral(low: int = 20000) -> int:
+    """A free port between ``low`` and the kernel's ephemeral range, for a broker that must come
+    back on the same port: clients retrying a closed port inside that range can be given it as
+    their own source port (connecting to themselves), and the restarted broker then fails with
+    "Address already in use"."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, max(first_ephemeral, low + 1))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise KafkaLauncherError(f"no free port between {low} and {first_ephemeral}")
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -162,6 +184,7 @@ def start(
     partitions: int = 4,
     timeout_s: float = 180.0,
     heap: str = "768m",
+    controller_port: int | None = None,
 ) -> Broker:
     """Start the local broker (or return the one already running under ``home``) and wait until it serves.
 
@@ -185,7 +208,7 @@ def start(
     port = port or free_port()
     if _port_open(port):
         raise KafkaLauncherError(f"port {port} on 127.0.0.1 is already in use")
-    controller_port = free_port()
+    controller_port = controller_port or free_port()
     while controller_port == port:
         controller_port = free_port()
     config = home / "server.properties"

@@ -3,7 +3,8 @@
 Producers retry, and a retried send can reach Kafka twice; replays overlap. The window is kept in
 event time: an id is remembered for ``window_s`` seconds after its event's timestamp (measured
 against the newest timestamp seen), then forgotten, so memory stays bounded. The worker seeds it
-from the Parquet log when it starts, which carries deduplication across restarts and crashes.
+from the log when it is assigned a partition (one window per partition), which carries
+deduplication across restarts, crashes and rebalances.
 """
 from __future__ import annotations
 

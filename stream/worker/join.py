@@ -9,8 +9,9 @@ display bias.
 
 The examples themselves are built by ``stream.examples``, the contract's one definition.
 
-Event time drives the windows: the watermark is the newest event timestamp seen, so replayed
-history joins exactly as it did live. Clicks that cannot be joined are not examples:
+Event time drives the windows: the watermark is the newest event timestamp seen (the worker keeps
+one joiner per source partition, so it is the partition's own), so replayed history joins exactly
+as it did live. Clicks that cannot be joined are not examples:
 
 - ``orphan_click``: no impression with that ``request_id`` is known;
 - ``late_click``: the click came more than ``window_s`` after the impression, or after its

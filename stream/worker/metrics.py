@@ -32,3 +32,13 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+LOG_COMMIT_SECONDS = Histogram(
+    "streamrec_log_commit_seconds", "Wall time of one log flush: writing its data files and committing them.",
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+)
+LOG_WRITE_ERRORS = Counter(
+    "streamrec_log_write_errors", "Log flushes that failed and were retried (storage refused or failed a write).",
+)
+SEND_ERRORS = Counter(
+    "streamrec_send_errors", "Sends of a batch's output that failed and were retried (Kafka unreachable).",
+)

@@ -40,6 +40,19 @@ class BatchSender:
             await self._producer.stop()
             self._producer = None
 
+    async def reset(self, timeout_s: float = 5.0) -> None:
+        """Drop the producer after a failed send; the next ``enqueue`` starts a new one.
+
+        An idempotent producer whose batches were lost with a broker's restart keeps numbering
+        after them, and the broker refuses its next batch for good (OutOfOrderSequenceNumber,
+        seen after a 60 s outage). A new producer gets a new producer id and starts afresh."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), timeout_s)
+            except Exception:  # noqa: BLE001 (it failed already; only its replacement matters)
+                pass
+
     async def _partition_counts(self, topics: Iterable[str]) -> None:
         for topic in topics:
             if topic not in self._partitions:

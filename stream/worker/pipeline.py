@@ -4,6 +4,11 @@ One call of ``IngestPipeline.process`` takes a batch of raw Kafka records and de
 dead-letter it (with a reason), drop it as a duplicate, or accept it, log it and feed the join;
 then it advances event time, scores traffic for anomalies and returns everything the worker must
 send and write. The Faust agent (``stream.worker.app``) does the I/O around it.
+
+State is kept per source partition (``PartitionState``: dedupe window, open slates, watermark), so
+that a partition can move between workers: ``assign`` rebuilds it from the log rows of that
+partition, ``revoke`` drops it, and a lagging partition's slates are closed by its own event time,
+never by another partition's.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import pyarrow as pa
 
 from stream.worker import metrics
 from stream.worker.dedupe import DedupeWindow
-from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, ParquetLog, events_table
+from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog, events_table
 from stream.events import DEFAULT_MAX_FUTURE_S, InvalidEvent, decode
 from stream.examples import Example, label_name, rating_example
 from stream.worker.join import MATCHED, ImpressionJoiner
@@ -114,15 +119,49 @@ class IngestPipeline:
         clock: Callable[[], float] = time.monotonic,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
     ) -> None:
-        self.dedupe = DedupeWindow(dedupe_window_s)
-        self.joiner = ImpressionJoiner(attribution_window_s, max_weight)
+        if not dedupe_window_s > 0 or not attribution_window_s > 0:
+            raise ValueError(f"dedupe_window_s and attribution_window_s must be positive, "
+                             f"got {dedupe_window_s!r}, {attribution_window_s!r}")
+        self.dedupe_window_s = dedupe_window_s
+        self.attribution_window_s = attribution_window_s
+        self.max_weight = max_weight
         self.detector = detector
         self.idle_grace_s = idle_grace_s
         self.anomaly_slice_s = anomaly_slice_s
         self.clock = clock
         self.max_future_s = max_future_s
-        self._last_event_ts = float("-inf")
-        self._last_batch_wall = clock()
+        self.partitions: dict[int, PartitionState] = {}
+        self._parked: dict[int, PartitionState] = {}  # revoked, kept until the next assignment
+        self._warmed: set[int] = set()  # partitions whose logged events the detector's windows hold
+
+    def partition(self, partition: int) -> PartitionState:
+        """The state of one source partition (empty when it is new to this worker)."""
+        state = self.partitions.get(partition)
+        if state is None:
+            state = self.partitions[partition] = PartitionState(
+                DedupeWindow(self.dedupe_window_s), ImpressionJoiner(self.attribution_window_s, self.max_weight),
+                last_batch_wall=self.clock())
+        return state
+
+    def revoke(self, partition: int) -> None:
+        """Take a partition's state out of use. It is kept aside until the assignment that
+        follows (Kafka's eager rebalance revokes every partition and often hands the same ones
+        back): ``assign`` reuses it when the log shows nobody processed the partition since."""
+        state = self.partitions.pop(partition, None)
+        if state is not None:
+            self._parked[partition] = state
+
+    def forget_revoked(self) -> None:
+        """Drop the states kept aside by ``revoke`` (after an assignment that did not reuse them)."""
+        self._parked.clear()
+
+    @property
+    def open_slates(self) -> int:
+        return sum(len(state.joiner) for state in self.partitions.values())
+
+    @property
+    def remembered_ids(self) -> int:
+        return sum(len(state.dedupe) for state in self.partitions.values())
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         out = BatchResult()
@@ -132,18 +171,26 @@ class IngestPipeline:
         examples = out.examples
         dlq_reasons: Counter = Counter()
         types: Counter = Counter()
-        dedupe_add, joiner = self.dedupe.add, self.joiner
         now, max_future_s = time.time(), self.max_future_s  # the validating clock, read once a batch
+        newest: dict[int, float] = {}  # partition -> newest ts accepted in this batch
+        current, state = None, None
         for record in records:
+            if record.partition != current:
+                current, state = record.partition, self.partition(record.partition)
+            state.next_offset = record.offset + 1
             try:
                 event = decode(record.value, now=now, max_future_s=max_future_s)
             except InvalidEvent as err:
                 out.dlq.append((record.key, dlq_message(record, err)))
                 dlq_reasons[err.reason] += 1
                 continue
-            if not dedupe_add(event["event_id"], event["ts"]):
+            ts = event["ts"]
+            if not state.dedupe.add(event["event_id"], ts):
                 out.duplicates += 1
                 continue
+            if ts > newest.get(current, float("-inf")):
+                newest[current] = ts
+            joiner = state.joiner
             accepted.append(event)
             partitions.append(record.partition)
             offsets.append(record.offset)
@@ -161,9 +208,12 @@ class IngestPipeline:
         out.accepted = len(accepted)
         if accepted:
             out.log_table = events_table(accepted, partitions, offsets)
-            self._last_event_ts = max(self._last_event_ts, max(e["ts"] for e in accepted))
-            self._last_batch_wall = self.clock()
-            examples.extend(joiner.advance(self._last_event_ts))
+            wall = self.clock()
+            for partition, ts in sorted(newest.items()):  # each partition's event time, on its own
+                state = self.partitions[partition]
+                state.last_event_ts = max(state.last_event_ts, ts)
+                state.last_batch_wall = wall
+                examples.extend(state.joiner.advance(state.last_event_ts))
         if self.detector is not None and accepted:
             out.anomalies = self._detect(accepted)
         self._finish_examples(examples)
@@ -195,12 +245,14 @@ class IngestPipeline:
         return records
 
     def tick(self) -> BatchResult:
-        """Close slates by wall time when the stream has been idle for ``idle_grace_s``."""
+        """Close slates by wall time in every partition that has been idle for ``idle_grace_s``."""
         out = BatchResult()
-        idle = self.clock() - self._last_batch_wall
-        if len(self.joiner) and idle >= self.idle_grace_s and self._last_event_ts > float("-inf"):
-            out.examples = self.joiner.advance(self._last_event_ts + idle)
-            self._finish_examples(out.examples)
+        now = self.clock()
+        for _, state in sorted(self.partitions.items()):
+            idle = now - state.last_batch_wall
+            if len(state.joiner) and idle >= self.idle_grace_s and state.last_event_ts > float("-inf"):
+                out.examples += state.joiner.advance(state.last_event_ts + idle)
+        self._finish_examples(out.examples)
         return out
 
     def _finish_examples(self, examples: list[Example]) -> None:
@@ -224,32 +276,57 @@ class IngestPipeline:
             labels[kind, label_name(kind, label)] += n
         _count(metrics.EXAMPLES, labels)
 
-    def restore(self, log: ParquetLog) -> dict:
-        """Rebuild the dedupe window, the open slates and the detector's windows from the log
-        after a (re)start.
+    def restore(self, log: DeltaLog) -> dict:
+        """Rebuild the state of every partition the log holds (one worker taking over a whole log:
+        the tests, a single-process run); the worker itself calls ``assign`` per partition."""
+        counts: Counter = Counter()
+        for partition in log.partitions_logged():
+            restored = self.assign(partition, log)
+            counts.update(events=restored["events"], open_slates=restored["open_slates"])
+        return {"events": counts["events"], "open_slates": counts["open_slates"]}
 
-        The log holds exactly the events whose offsets may have been committed, so ids seen there
-        are duplicates when Kafka delivers them again, impressions still inside their window
-        wait for clicks as if the worker had never stopped, and the detector's windows see the
-        events of its last ``idle_s`` seconds again (unscored; ``AnomalyDetector.warm_windows``).
+    def assign(self, partition: int, log: DeltaLog, until_offset: int | None = None) -> dict:
+        """Rebuild one partition's dedupe window, open slates, watermark and the detector's
+        windows from the log rows of that partition (up to ``until_offset``, the last offset the
+        log records for it), replacing whatever state this worker had for it.
+
+        The log holds exactly the events whose offsets it records, so ids seen there are
+        duplicates when Kafka delivers them again, impressions still inside their window wait for
+        clicks as if the partition had never moved, and the detector's windows see the events of
+        its last ``idle_s`` seconds again (unscored; ``AnomalyDetector.warm_windows``, once per
+        partition in a worker's life). A state this worker had before ``revoke`` is reused as it
+        is when the log's offset shows that nobody processed the partition since.
+
+        Returns the event ids and open slates it holds, and whether it came from the log.
         """
-        newest_hour = log.newest_hour_start(EVENTS)
-        if newest_hour is None:
-            return {"events": 0, "open_slates": 0}
-        newest = log.read(EVENTS, since_ts=newest_hour, columns=["ts"])["ts"].max()
+        resume = None if until_offset is None else until_offset + 1
+        parked = self._parked.pop(partition, None)
+        if parked is not None and parked.next_offset == resume:  # nothing happened to it meanwhile
+            self.partitions[partition] = parked
+            return {"events": len(parked.dedupe), "open_slates": len(parked.joiner), "from_log": False}
+        self.partitions.pop(partition, None)
+        state = self.partition(partition)
+        state.next_offset = resume
+        newest = log.newest_ts(EVENTS, source_partition=partition, until_offset=until_offset)
+        if newest is None:
+            return {"events": 0, "open_slates": 0, "from_log": True}
         detector = self.detector
-        horizon = max(self.dedupe.window_s, self.joiner.window_s, detector.idle_s if detector is not None else 0.0)
-        rows = log.read(EVENTS, since_ts=newest - horizon)
+        horizon = max(self.dedupe_window_s, self.attribution_window_s, detector.idle_s if detector is not None else 0.0)
+        rows = log.read(EVENTS, since_ts=newest - horizon, source_partition=partition, until_offset=until_offset)
+        rows = rows.sort_values("source_offset", kind="stable").reset_index(drop=True)
         ids = rows.drop_duplicates("event_id")
-        self.dedupe.seed(zip(ids["event_id"], ids["ts"]))
-        window = self.joiner.window_s
-        labelled = log.read(EXAMPLES, since_ts=newest - horizon - window,
-                            columns=["request_id", "item_id", "label", "kind"])
-        labelled = labelled[labelled["kind"] == "click"]
-        negatives_logged = set(labelled.loc[labelled["label"] == 0, "request_id"])
+        state.dedupe.seed(zip(ids["event_id"], ids["ts"]))
+        window = self.attribution_window_s
         impressions = rows[rows["type"] == "impression"]
         slates = [_impression_from_rows(group) for _, group in impressions.groupby("event_id", sort=False)]
-        if detector is not None:
+        labelled = log.read(EXAMPLES, since_ts=newest - horizon - window,
+                            columns=["request_id", "item_id", "label", "kind"])
+        labelled = labelled[(labelled["kind"] == "click") & labelled["request_id"].isin({s["request_id"] for s in slates})]
+        negatives_logged = set(labelled.loc[labelled["label"] == 0, "request_id"])
+        if detector is not None and partition not in self._warmed:
+            # Once per partition: windows cannot be emptied of one partition's entities, and
+            # observing the same logged events twice would count them twice.
+            self._warmed.add(partition)
             first_rows = impressions.drop_duplicates("event_id").index  # in the order of the groups
             detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), newest - detector.idle_s))
         slates.sort(key=lambda imp: imp["ts"])
@@ -257,14 +334,26 @@ class IngestPipeline:
         # event time); one whose window has passed is closed too. The rest are still open.
         is_open = [imp["request_id"] not in negatives_logged and imp["ts"] + window >= newest for imp in slates]
         positives = labelled[labelled["label"] > 0]
-        self.joiner.restore(
+        state.joiner.restore(
             [imp for imp, o in zip(slates, is_open) if o],
             zip(positives["request_id"], positives["item_id"]),
             newest,
             closed=[(imp["request_id"], imp["ts"] + window) for imp, o in zip(slates, is_open) if not o],
         )
-        self._last_event_ts = float(newest)
-        return {"events": len(ids), "open_slates": len(self.joiner)}
+        state.last_event_ts = float(newest)
+        return {"events": len(ids), "open_slates": len(state.joiner), "from_log": True}
+
+
+@dataclass
+class PartitionState:
+    """What a worker keeps for one source partition between events (DESIGN.md "The worker's
+    state"): its dedupe window, its open slates and its event-time watermark."""
+
+    dedupe: DedupeWindow
+    joiner: ImpressionJoiner
+    last_event_ts: float = float("-inf")  # the partition's watermark: the newest ts it accepted
+    last_batch_wall: float = 0.0  # the clock when it last accepted an event (for the idle timer)
+    next_offset: int | None = None  # the offset after the last record processed (None: none yet)
 
 
 _KIND_AND_LABEL = itemgetter("kind", "label")
@@ -290,7 +379,7 @@ def _events_since(rows: pd.DataFrame, impressions: dict[int, dict], since: float
 
 def _impression_from_rows(group: pd.DataFrame) -> dict:
     first = group.iloc[0]
-    return {
+    impression = {
         "event_id": first["event_id"],
         "type": "impression",
         "user_id": first["user_id"],
@@ -303,3 +392,7 @@ def _impression_from_rows(group: pd.DataFrame) -> dict:
             for row in group.itertuples()
         ],
     }
+    variant = first.get("variant")  # tables written before the column read it as null
+    if isinstance(variant, str):
+        impression["variant"] = variant
+    return impression

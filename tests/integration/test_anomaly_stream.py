@@ -46,7 +46,7 @@ def test_click_flood_bot_is_flagged_in_the_stream(kafka_bootstrap, unique_name, 
 
 def test_detector_checkpoint_at_clean_stop_is_restored_by_the_next_worker(kafka_bootstrap, unique_name, tmp_path,
                                                                          monkeypatch):
-    """SIGTERM makes the worker checkpoint its detector next to the log (the interval is too long
+    """SIGTERM makes the worker checkpoint its detector in its own folder next to the log (the interval is too long
     for a periodic one here); the restarted worker rebuilds the windows from the log, loads the
     checkpoint, and goes on with the rest of the stream."""
     monkeypatch.setenv("STREAMREC_DETECTOR_CHECKPOINT_INTERVAL_S", "3600")
@@ -54,8 +54,8 @@ def test_detector_checkpoint_at_clean_stop_is_restored_by_the_next_worker(kafka_
     ensure_topics(kafka_bootstrap, 2, topics)
     traffic = click_flood(n_users=30, duration_s=1200.0, bot=(600.0, 900.0))
     first = [e for e in traffic if e["ts"] < BASE_TS + 800]
-    worker = WorkerProcess(kafka_bootstrap, topics.prefix, tmp_path, anomaly=True)
-    manifest = worker.log_dir / "_detector" / "manifest.json"
+    worker = WorkerProcess(kafka_bootstrap, topics.prefix, tmp_path, "--worker-id", "w1", anomaly=True)
+    manifest = worker.log_dir / "_detector" / "w1" / "manifest.json"
     with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
         producer.send_many(first)
     worker.start()

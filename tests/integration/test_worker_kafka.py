@@ -1,4 +1,4 @@
-"""The stream worker against the real broker: SDK in, Parquet log and ``examples`` out.
+"""The stream worker against the real broker: SDK in, Delta log and ``examples`` out.
 
 Each test runs ``streamrec worker`` as a subprocess on its own topic prefix and log folder.
 """
@@ -159,7 +159,7 @@ def test_sigkill_mid_stream_loses_no_accepted_event(kafka_bootstrap, worker_env)
     with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
         producer.send_many(sent)
     worker = make("--batch-size", "500").start()
-    wait_for(lambda: len(worker.log.files("events")) >= 3, 120, "the first batches in the log", worker)
+    wait_for(lambda: worker.log.data_files("events") >= 3, 120, "the first batches in the log", worker)
     worker.stop(signal.SIGKILL)
     before = worker.logged_events()["event_id"].nunique()
     assert 0 < before < len(sent), "the kill must land mid-stream for this test to mean anything"

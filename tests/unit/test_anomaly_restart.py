@@ -1,4 +1,4 @@
-"""The anomaly detector survives a worker restart: its windows come back from the Parquet log, its
+"""The anomaly detector survives a worker restart: its windows come back from the Delta log, its
 forests, likelihoods, flags and scoring times from a checkpoint; a bad checkpoint means a cold
 start with a warning, never a crash. No Kafka here: pipelines and logs are driven directly."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from stream.anomaly import checkpoint as checkpoint_mod
 from stream.anomaly.checkpoint import MANIFEST
 from stream.worker.app import create_worker
 from stream.config import StreamSettings
-from stream.log.table import EVENTS, EXAMPLES, ParquetLog
+from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.log.buffer import Pending
 from stream.worker.pipeline import IngestPipeline, Record
 from tests.traffic import BASE_TS, click_flood
@@ -41,14 +41,14 @@ def new_pipeline(detector: AnomalyDetector) -> IngestPipeline:
     return IngestPipeline(dedupe_window_s=3600, attribution_window_s=60, detector=detector)
 
 
-def run_logged(pipeline: IngestPipeline, log: ParquetLog, events: list[dict]) -> list[dict]:
+def run_logged(pipeline: IngestPipeline, log: DeltaLog, events: list[dict]) -> list[dict]:
     """Feed events batch by batch and write each batch's rows to the log, as the worker does;
     returns the anomaly records."""
     records = []
     for batch in batches(events):
         result = pipeline.process(batch)
-        log.write(EXAMPLES, result.examples)
-        log.write(EVENTS, result.log_table)
+        log.append(EVENTS, result.log_table)
+        log.append(EXAMPLES, result.examples)
         records += result.anomalies
     return records
 
@@ -60,15 +60,15 @@ def stream() -> tuple[list[dict], list[dict]]:
 
 
 @pytest.fixture
-def first_run(stream, tmp_path) -> tuple[IngestPipeline, ParquetLog]:
+def first_run(stream, tmp_path) -> tuple[IngestPipeline, DeltaLog]:
     """A worker's pipeline that saw stream A; everything it accepted is in the log."""
-    log = ParquetLog(tmp_path / "log")
+    log = DeltaLog(tmp_path / "log")
     live = new_pipeline(AnomalyDetector(seed=0))
     run_logged(live, log, stream[0])
     return live, log
 
 
-def restarted(log: ParquetLog, detector: AnomalyDetector | None = None) -> IngestPipeline:
+def restarted(log: DeltaLog, detector: AnomalyDetector | None = None) -> IngestPipeline:
     pipeline = new_pipeline(detector or AnomalyDetector(seed=0))
     pipeline.restore(log)
     return pipeline
@@ -100,12 +100,12 @@ def test_windows_rebuilt_from_the_log_equal_the_live_windows(first_run):
 def test_restore_replays_the_detectors_horizon_even_past_dedupe_and_join(tmp_path):
     """With short dedupe and attribution windows the log is still read idle_s back for the
     detector; entities idle for longer than idle_s are not brought back."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     events = ([ev.rating("old", "x", 1.0, ts=T0)]
               + [ev.rating("a", f"x{k}", 1.0, ts=T0 + 1000 + k) for k in range(5)]
               + [ev.rating("b", "y", 1.0, ts=T0 + 2000)])
     first = IngestPipeline(dedupe_window_s=60, attribution_window_s=60)
-    log.write(EVENTS, first.process(batches(events)[0]).log_table)
+    log.append(EVENTS, first.process(batches(events)[0]).log_table)
     detector = AnomalyDetector(window_s=600)  # idle_s 1800
     IngestPipeline(dedupe_window_s=60, attribution_window_s=60, detector=detector).restore(log)
     assert set(detector.windows.users) == {"a", "b"}
@@ -264,15 +264,16 @@ def test_no_checkpoint_folder_is_a_quiet_cold_start(tmp_path, caplog):
 
 def test_worker_checkpoints_on_flush_at_most_once_per_interval_and_restores_at_start(
         first_run, tmp_path, monkeypatch, caplog):
-    """``Worker.flush`` checkpoints the detector next to the log: not within the interval since
-    the start or the last checkpoint, always at the final flush; ``create_worker`` restores it
-    from there."""
+    """``Worker.flush`` checkpoints the detector in the worker's own folder next to the log: not
+    within the interval since the start or the last checkpoint, always at the final flush; the
+    next worker with the same id restores it from there when it is assigned its partitions."""
     live, log = first_run
     monkeypatch.setenv("STREAMREC_HOME", str(tmp_path / "home"))
-    settings = StreamSettings(bootstrap_servers="127.0.0.1:9", log_dir=log.root, detector_checkpoint_interval_s=3600)
+    settings = StreamSettings(bootstrap_servers="127.0.0.1:9", log_dir=log.root, detector_checkpoint_interval_s=3600,
+                              worker_id="w1")
     worker = create_worker(settings, detector=live.detector)  # the first run's worker: no checkpoint yet
     manifest = worker.detector_dir / MANIFEST
-    assert not manifest.exists()
+    assert not manifest.exists() and worker.detector_dir.name == "w1"
 
     async def commit(offsets):
         pass
@@ -294,6 +295,7 @@ def test_worker_checkpoints_on_flush_at_most_once_per_interval_and_restores_at_s
 
     with caplog.at_level(logging.INFO, logger="stream.worker.app"):
         restarted_worker = create_worker(settings, detector=AnomalyDetector(seed=0))
+        restarted_worker.restore_partitions([0])
     detector = restarted_worker.pipeline.detector
     assert any(r.getMessage().startswith("restored anomaly detector: 61 users / 100 items in windows")
                for r in caplog.records)

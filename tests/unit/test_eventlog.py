@@ -1,5 +1,6 @@
-"""The Parquet event log: one row per shown item for impressions, UTC date/hour partitions,
-atomic whole-file writes, reads filtered by since_ts, and exact round trips."""
+"""The event log as Delta tables: one row per shown item for impressions, UTC date/hour
+partitions, one commit per append carrying the partitions' offsets (a replay is not appended
+twice), reads filtered by since_ts and partition, and exact round trips."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 import pyarrow.parquet as pq
+from deltalake import DeltaTable, write_deltalake
 import pytest
 
 from stream.log.table import (
@@ -14,8 +16,9 @@ from stream.log.table import (
     EVENTS_SCHEMA,
     EXAMPLES,
     EXAMPLES_SCHEMA,
-    ParquetLog,
+    DeltaLog,
     events_table,
+    with_partition_columns,
 )
 
 # 2023-11-14 22:13:20 UTC
@@ -112,84 +115,83 @@ def test_events_table_is_the_rows_of_each_event_in_order():
     assert [r["event_id"] for r in expected] == ["i1"] * 3 + ["c1", "r1"] + ["i2"] * 3
 
 
-def test_write_accepts_an_arrow_table_and_splits_it_by_hour(tmp_path):
-    """A table whose rows are not in time order still lands one file per hour, nothing lost."""
+def test_append_accepts_an_arrow_table_and_partitions_it_by_hour(tmp_path):
+    """A table whose rows are not in time order lands in one data file per UTC (date, hour), nothing lost."""
     batch = [rating(ts=utc(2024, 1, 1, 5), event_id="a"), rating(ts=utc(2024, 1, 1, 7), event_id="b"),
-             rating(ts=utc(2024, 1, 1, 5, 30), event_id="c")]
-    paths = ParquetLog(tmp_path).write(EVENTS, events_table(batch))
-    assert sorted(p.parent.name for p in paths) == ["hour=05", "hour=07"]
-    assert sorted(ParquetLog(tmp_path).read(EVENTS)["event_id"]) == ["a", "b", "c"]
+             rating(ts=utc(2023, 12, 31, 23, 59, 59.5), event_id="c")]
+    log = DeltaLog(tmp_path)
+    assert log.append(EVENTS, events_table(batch)) == 3
+    assert sorted(log.read(EVENTS)["event_id"]) == ["a", "b", "c"]
+    files = sorted(str(p.parent.relative_to(tmp_path)) for p in (tmp_path / EVENTS).rglob("*.parquet")
+                   if "_delta_log" not in p.parts)
+    assert files == ["events/date=2023-12-31/hour=23", "events/date=2024-01-01/hour=05", "events/date=2024-01-01/hour=07"]
+    assert log.data_files(EVENTS) == 3
 
 
-def test_staged_files_are_invisible_until_committed_and_removable(tmp_path):
-    """stage writes temporary files readers ignore; commit renames them; remove_temporary deletes
-    what was staged and never committed (a worker stopped in between)."""
-    log = ParquetLog(tmp_path)
-    staged = log.stage(EVENTS, events_table([rating(event_id="kept")]))
-    assert log.files(EVENTS) == [] and all(tmp.exists() for tmp, _ in staged)
-    assert log.commit(staged) == [final for _, final in staged]
-    assert log.read(EVENTS)["event_id"].tolist() == ["kept"]
-    log.stage(EXAMPLES, [example_row(T)])
-    log.stage(EVENTS, events_table([rating(event_id="lost")]))
-    assert log.remove_temporary() == 2
-    assert log.read(EVENTS)["event_id"].tolist() == ["kept"] and log.read(EXAMPLES).empty
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [staged[0][1].name]
+def test_each_append_is_one_commit_with_the_offsets_of_its_partitions(tmp_path):
+    """The offsets ride in the same commit as the rows, as Delta transaction ids per group, topic and partition."""
+    log = DeltaLog(tmp_path)
+    rows = events_table([rating(event_id="a"), rating(event_id="b")], [0, 1], [5, 9])
+    log.append(EVENTS, rows, offsets={("ev", 0): 5, ("ev", 1): 9}, group="g")
+    table = DeltaTable(str(tmp_path / EVENTS))
+    assert table.version() == 0
+    assert [table.transaction_version(f"g:ev:{p}") for p in (0, 1, 2)] == [5, 9, None]
+    assert log.recorded_offsets(EVENTS, "g", "ev", [0, 1]) == {0: 5, 1: 9}
+    assert log.recorded_offsets(EVENTS, "other-group", "ev", [0]) == {0: None}
 
 
-# -- write: partitions and atomicity --------------------------------------------------------------
+def test_a_replayed_batch_is_not_appended_twice(tmp_path):
+    """Rows at or below the offset the table records for their partition are left out; newer rows go in."""
+    log = DeltaLog(tmp_path)
+    first = events_table([rating(event_id=f"e{k}") for k in range(4)], [0, 0, 1, 1], [0, 1, 0, 1])
+    log.append(EVENTS, first, offsets={("ev", 0): 1, ("ev", 1): 1}, group="g")
+    replay = events_table([rating(event_id=f"e{k}") for k in range(1, 6)], [0, 1, 1, 0, 1], [1, 0, 1, 2, 2])
+    assert log.append(EVENTS, replay, offsets={("ev", 0): 2, ("ev", 1): 2}, group="g") == 2
+    assert sorted(log.read(EVENTS)["event_id"]) == ["e0", "e1", "e2", "e3", "e4", "e5"]
+    assert log.recorded_offsets(EVENTS, "g", "ev", [0, 1]) == {0: 2, 1: 2}
 
 
-def test_write_partitions_by_utc_date_and_hour(tmp_path):
-    """Rows go to events/date=YYYY-MM-DD/hour=HH by their UTC event time, one file per hour."""
-    log = ParquetLog(tmp_path)
-    rows = (event_rows(rating(ts=utc(2023, 12, 31, 23, 59, 59.5), event_id="x1"))
-            + event_rows(rating(ts=utc(2024, 1, 1, 0), event_id="x2"))
-            + event_rows(rating(ts=utc(2024, 1, 1, 0, 30), event_id="x3"))
-            + event_rows(rating(ts=utc(2024, 1, 1, 13, 5), event_id="x4")))
-    paths = log.write(EVENTS, rows, tag="p0-17")
-    rel = sorted(str(p.parent.relative_to(tmp_path)) for p in paths)
-    assert rel == ["events/date=2023-12-31/hour=23", "events/date=2024-01-01/hour=00", "events/date=2024-01-01/hour=13"]
-    assert all(p.name.startswith("part-p0-17-") and p.suffix == ".parquet" for p in paths)
-    by_folder = {p.parent.name + p.parent.parent.name: sorted(pq.read_table(p).column("event_id").to_pylist())
-                 for p in paths}
-    assert by_folder == {"hour=23date=2023-12-31": ["x1"], "hour=00date=2024-01-01": ["x2", "x3"],
-                         "hour=13date=2024-01-01": ["x4"]}
+def test_an_append_whose_offsets_are_all_recorded_is_skipped(tmp_path):
+    """A retried examples append (its commit had gone through) adds nothing and makes no commit."""
+    log = DeltaLog(tmp_path)
+    assert log.append(EXAMPLES, [example_row(T)], offsets={("ev", 0): 3}, group="g") == 1
+    assert log.append(EXAMPLES, [example_row(T)], offsets={("ev", 0): 3}, group="g") == 0
+    assert len(log.read(EXAMPLES)) == 1 and DeltaTable(str(tmp_path / EXAMPLES)).version() == 0
 
 
-def test_write_empty_rows_writes_nothing(tmp_path):
-    """Writing no rows creates no file and no folder."""
-    assert ParquetLog(tmp_path).write(EVENTS, []) == []
-    assert list(tmp_path.iterdir()) == []
+def test_resume_offsets_follow_the_table_that_lags(tmp_path):
+    """One past the last offset both tables record; None for a partition the log knows nothing of."""
+    log = DeltaLog(tmp_path)
+    log.append(EVENTS, events_table([rating()], [0], [8]), offsets={("ev", 0): 8}, group="g")
+    assert log.resume_offsets("g", "ev", [0, 1]) == {0: None, 1: None}  # examples not committed yet
+    log.append(EXAMPLES, [], offsets={("ev", 0): 6}, group="g")
+    assert log.resume_offsets("g", "ev", [0, 1]) == {0: 7, 1: None}
 
 
-def test_write_leaves_no_tmp_files(tmp_path):
-    """After writes every file in the tree is a finished part-*.parquet; no .tmp file remains."""
-    log = ParquetLog(tmp_path)
-    for k in range(3):
-        log.write(EVENTS, event_rows(impression(event_id=f"i{k}", ts=T + 3600 * k)))
-        log.write(EXAMPLES, [example_row(T + 3600 * k)])
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) == 6
-    assert not [p for p in files if p.name.endswith(".tmp") or p.name.startswith(".")]
-    assert all(p.name.startswith("part-") and p.name.endswith(".parquet") for p in files)
+def test_empty_append_without_offsets_writes_nothing(tmp_path):
+    """Appending no rows and no offsets creates no table."""
+    log = DeltaLog(tmp_path)
+    assert log.append(EVENTS, []) == 0
+    assert list(tmp_path.iterdir()) == [] and log.data_files(EVENTS) == 0
 
 
-def test_unfinished_tmp_file_is_not_read(tmp_path):
-    """A leftover temporary file (a crash mid-write) is invisible to files() and read()."""
-    log = ParquetLog(tmp_path)
-    (path,) = log.write(EVENTS, event_rows(rating()))
-    (path.parent / ".part-crashed.parquet.tmp").write_bytes(b"garbage")
-    assert log.files(EVENTS) == [path]
+def test_uncommitted_data_files_are_invisible(tmp_path):
+    """A data file without a commit (a worker killed between the two) is not read."""
+    log = DeltaLog(tmp_path)
+    log.append(EVENTS, events_table([rating()]))
+    folder = next(p.parent for p in (tmp_path / EVENTS).rglob("*.parquet") if "_delta_log" not in p.parts)
+    pq.write_table(events_table([rating(event_id="ghost")]), folder / "part-crashed.parquet")
     assert log.read(EVENTS)["event_id"].tolist() == ["rat1"]
 
 
 def test_files_have_the_dataset_schema(tmp_path):
-    """Written files carry exactly the dataset's Arrow schema (types included)."""
-    log = ParquetLog(tmp_path)
-    (ev,) = log.write(EVENTS, event_rows(impression()))
-    (ex,) = log.write(EXAMPLES, [example_row(T)])
-    assert pq.read_schema(ev).remove_metadata() == EVENTS_SCHEMA
-    assert pq.read_schema(ex).remove_metadata() == EXAMPLES_SCHEMA
+    """Data files carry the dataset's Arrow schema (the partition columns live in the folders)."""
+    log = DeltaLog(tmp_path)
+    log.append(EVENTS, event_rows(impression()))
+    log.append(EXAMPLES, [example_row(T)])
+    for dataset, schema in ((EVENTS, EVENTS_SCHEMA), (EXAMPLES, EXAMPLES_SCHEMA)):
+        (path,) = [p for p in (tmp_path / dataset).rglob("*.parquet") if "_delta_log" not in p.parts]
+        assert pq.read_schema(path).remove_metadata() == schema
 
 
 # -- read -----------------------------------------------------------------------------------------
@@ -197,15 +199,15 @@ def test_files_have_the_dataset_schema(tmp_path):
 
 def test_read_round_trip_is_exact(tmp_path):
     """Floats (ts, propensity, score, value) and ints come back bit-for-bit; nulls stay null."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     ts = 1_700_000_000.123456789
     imp = impression(ts=ts)
     imp["items"][0]["propensity"] = 0.1
     imp["items"][1]["propensity"] = 1 / 3
     imp["items"][0]["score"] = 1e-300
     rows = event_rows(imp, 1, 2**40) + event_rows(rating(ts=ts + 0.1, value=-0.30000000000000004))
-    log.write(EVENTS, rows)
-    df = log.read(EVENTS)
+    log.append(EVENTS, rows)
+    df = log.read(EVENTS).sort_values(["ts", "position"]).reset_index(drop=True)
     assert list(df.columns) == EVENTS_SCHEMA.names
     assert len(df) == 4
     assert df["ts"].tolist() == [ts, ts, ts, ts + 0.1]
@@ -218,35 +220,31 @@ def test_read_round_trip_is_exact(tmp_path):
     assert pd.isna(df["propensity"].tolist()[3])
 
 
-def test_read_since_ts_skips_old_hours_and_rows(tmp_path):
-    """since_ts drops whole hours ending at or before it and filters rows inside the boundary hour."""
-    log = ParquetLog(tmp_path)
+def test_read_since_ts_filters_rows_across_hours(tmp_path):
+    """since_ts keeps the rows at or after it, in the boundary hour and after it."""
+    log = DeltaLog(tmp_path)
     times = {"h10": utc(2024, 1, 1, 10, 59, 59.0), "h11a": utc(2024, 1, 1, 11, 0),
-             "h11b": utc(2024, 1, 1, 11, 20), "h11c": utc(2024, 1, 1, 11, 40), "h12": utc(2024, 1, 1, 12, 5)}
+             "h11b": utc(2024, 1, 1, 11, 20), "h11c": utc(2024, 1, 1, 11, 40), "h12": utc(2024, 1, 2, 12, 5)}
     for eid, ts in times.items():
-        log.write(EVENTS, event_rows(rating(ts=ts, event_id=eid)))
-    since = utc(2024, 1, 1, 11, 20)
-    files = log.files(EVENTS, since_ts=since)
-    assert sorted({p.parent.name for p in files}) == ["hour=11", "hour=12"]
-    assert len(files) == 4
-    df = log.read(EVENTS, since_ts=since)
-    assert sorted(df["event_id"]) == ["h11b", "h11c", "h12"]
-    # an hour that ends exactly at since_ts is skipped; the one starting there is kept
-    assert {p.parent.name for p in log.files(EVENTS, since_ts=utc(2024, 1, 1, 11))} == {"hour=11", "hour=12"}
+        log.append(EVENTS, event_rows(rating(ts=ts, event_id=eid)))
+    assert sorted(log.read(EVENTS, since_ts=utc(2024, 1, 1, 11, 20))["event_id"]) == ["h11b", "h11c", "h12"]
+    assert sorted(log.read(EVENTS, since_ts=utc(2024, 1, 1, 11))["event_id"]) == ["h11a", "h11b", "h11c", "h12"]
 
 
-def test_read_without_since_returns_everything_oldest_hour_first(tmp_path):
-    """With no since_ts every row of every hour comes back, hours in time order."""
-    log = ParquetLog(tmp_path)
-    log.write(EVENTS, event_rows(rating(ts=utc(2024, 1, 2, 9), event_id="later")))
-    log.write(EVENTS, event_rows(rating(ts=utc(2024, 1, 1, 23), event_id="earlier")))
-    assert log.read(EVENTS)["event_id"].tolist() == ["earlier", "later"]
+def test_read_one_source_partition_up_to_an_offset(tmp_path):
+    """A partition's rows up to an offset: what a worker restores when it is assigned that partition."""
+    log = DeltaLog(tmp_path)
+    log.append(EVENTS, events_table([rating(event_id=f"e{k}") for k in range(5)], [0, 1, 0, 1, 0], [0, 0, 1, 1, 2]))
+    assert sorted(log.read(EVENTS, source_partition=0)["event_id"]) == ["e0", "e2", "e4"]
+    assert sorted(log.read(EVENTS, source_partition=0, until_offset=1)["event_id"]) == ["e0", "e2"]
+    assert log.partitions_logged() == [0, 1]
+    assert log.newest_ts(EVENTS, source_partition=1) == T + 2
 
 
 def test_read_since_ts_with_columns_excluding_ts_still_filters_rows(tmp_path):
     """read(since_ts, columns=[...]) returns only rows with ts >= since_ts even when ts is not a requested column."""
-    log = ParquetLog(tmp_path)
-    log.write(EXAMPLES, [example_row(T, event_id="old"), example_row(T + 10, event_id="new")])  # same hour
+    log = DeltaLog(tmp_path)
+    log.append(EXAMPLES, [example_row(T, event_id="old"), example_row(T + 10, event_id="new")])  # same hour
     df = log.read(EXAMPLES, since_ts=T + 5, columns=["event_id", "label"])
     assert list(df.columns) == ["event_id", "label"]
     assert df["event_id"].tolist() == ["new"]
@@ -254,39 +252,53 @@ def test_read_since_ts_with_columns_excluding_ts_still_filters_rows(tmp_path):
 
 def test_read_columns_subset(tmp_path):
     """columns selects and orders the returned columns."""
-    log = ParquetLog(tmp_path)
-    log.write(EXAMPLES, [example_row(T, event_id="e1")])
+    log = DeltaLog(tmp_path)
+    log.append(EXAMPLES, [example_row(T, event_id="e1")])
     df = log.read(EXAMPLES, columns=["label", "event_id"])
     assert list(df.columns) == ["label", "event_id"]
     assert df.to_dict("records") == [{"label": 1.0, "event_id": "e1"}]
 
 
+def test_a_column_the_table_has_not_seen_reads_as_nulls_and_joins_on_append(tmp_path):
+    """A table written before a column joined the schema reads it as nulls; the next append adds it."""
+    log = DeltaLog(tmp_path)
+    older = events_table([rating(event_id="old")]).drop_columns(["variant"])
+    write_deltalake(str(tmp_path / EVENTS), with_partition_columns(older), partition_by=["date", "hour"])
+    before = log.read(EVENTS, columns=["event_id", "variant"])
+    assert before["event_id"].tolist() == ["old"] and before["variant"].isna().all()
+    newer = impression(event_id="new")
+    newer["variant"] = "B"
+    log.append(EVENTS, event_rows(newer))
+    got = log.read(EVENTS, columns=["event_id", "variant"]).drop_duplicates()
+    assert sorted(map(tuple, got.fillna("-").values.tolist())) == [("new", "B"), ("old", "-")]
+
+
 @pytest.mark.parametrize("dataset, schema", [(EVENTS, EVENTS_SCHEMA), (EXAMPLES, EXAMPLES_SCHEMA)])
 def test_empty_read_returns_schema_columns(tmp_path, dataset, schema):
-    """Reading a dataset with no files gives an empty frame with exactly the schema's columns."""
-    log = ParquetLog(tmp_path / "nothing-here")
+    """Reading a table that does not exist yet gives an empty frame with exactly the schema's columns."""
+    log = DeltaLog(tmp_path / "nothing-here")
     df = log.read(dataset)
     assert len(df) == 0
     assert list(df.columns) == schema.names
-    assert log.files(dataset) == []
+    assert log.data_files(dataset) == 0
     df2 = log.read(dataset, since_ts=T, columns=["ts", "user_id"])
     assert list(df2.columns) == ["ts", "user_id"] and len(df2) == 0
 
 
 def test_since_ts_beyond_all_data_returns_empty_with_columns(tmp_path):
-    """A since_ts after every hour yields the empty schema frame, not an error."""
-    log = ParquetLog(tmp_path)
-    log.write(EXAMPLES, [example_row(T)])
+    """A since_ts after every row yields the empty schema frame, not an error."""
+    log = DeltaLog(tmp_path)
+    log.append(EXAMPLES, [example_row(T)])
     df = log.read(EXAMPLES, since_ts=T + 7200)
     assert len(df) == 0 and list(df.columns) == EXAMPLES_SCHEMA.names
 
 
 def test_examples_round_trip_with_null_position(tmp_path):
-    """Rating examples (position null) and click examples share the examples dataset."""
-    log = ParquetLog(tmp_path)
+    """Rating examples (position null) and click examples share the examples table."""
+    log = DeltaLog(tmp_path)
     rating_ex = dict(example_row(T, item_id="z", label=4.5, event_id="r"), position=None, kind="rating",
                      model_version=None, request_id=None, policy=None, anomalous=True)
-    log.write(EXAMPLES, [example_row(T, event_id="c"), rating_ex])
+    log.append(EXAMPLES, [example_row(T, event_id="c"), rating_ex])
     df = log.read(EXAMPLES).set_index("event_id")
     assert df.loc["c", "position"] == 1 and df.loc["c", "label"] == 1.0
     assert pd.isna(df.loc["r", "position"]) and df.loc["r", "label"] == 4.5

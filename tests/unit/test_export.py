@@ -6,7 +6,7 @@ import csv
 
 import pandas as pd
 
-from stream.log.table import EXAMPLES, ParquetLog
+from stream.log.table import EXAMPLES, DeltaLog
 from stream.log.export import OBP_COLUMNS, export_obp, obp_frame
 
 T = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
@@ -28,13 +28,13 @@ def rating_example(ts, item_id="z", value=4.0) -> dict:
 
 def write_log(root) -> None:
     """Two slates (epsilon_greedy, uniform) and two ratings, written out of order, two hours apart."""
-    log = ParquetLog(root)
-    log.write(EXAMPLES, [
+    log = DeltaLog(root)
+    log.append(EXAMPLES, [
         click_example("r2", "x", 2, 0.2, 0.0, T + 3600.25, policy="uniform", user_id="u2", model_version="m2"),
         click_example("r2", "y", 1, 0.2, 1.0, T + 3600.5, policy="uniform", user_id="u2", model_version="m2"),
         rating_example(T + 3600.0),
     ])
-    log.write(EXAMPLES, [
+    log.append(EXAMPLES, [
         click_example("r1", "b", 2, 1 / 3, 1.0, T + 5.5),
         click_example("r1", "a", 1, 0.1, 0.0, T),
         click_example("r1", "c", 3, 0.30000000000000004, 0.0, T),
@@ -62,7 +62,7 @@ def test_obp_frame_columns_rows_and_values(tmp_path):
 
 def test_click_is_label_positive(tmp_path):
     """click is 1 exactly for label > 0 (a fractional positive label counts), 0 otherwise."""
-    ParquetLog(tmp_path).write(EXAMPLES, [
+    DeltaLog(tmp_path).append(EXAMPLES, [
         click_example("r", "a", 1, 0.5, 0.25, T), click_example("r", "b", 2, 0.5, 0.0, T),
         click_example("r", "c", 3, 0.5, -1.0, T),
     ])

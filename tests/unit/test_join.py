@@ -78,6 +78,7 @@ def test_matched_click_is_positive_with_slate_fields(joiner):
         "anomalous": False,
         "policy": "epsilon_greedy",
         "event_id": "c1",
+        "variant": None,
     }
 
 
@@ -161,6 +162,7 @@ def test_negative_fields_come_from_impression(joiner):
         "anomalous": False,
         "policy": "epsilon_greedy",
         "event_id": "imp1",
+        "variant": None,
     }
     assert (negs["a"]["position"], negs["a"]["weight"]) == (1, 2.0)
     assert (negs["b"]["position"], negs["b"]["weight"]) == (2, 4.0)

@@ -310,7 +310,8 @@ def joined(events: list[dict], pipeline: IngestPipeline) -> list[dict]:
     out = []
     for offset, event in enumerate(events):
         out += pipeline.process([Record(encode(event), partition=0, offset=offset)]).examples
-    return out + pipeline.joiner.advance(events[-1]["ts"] + 10 * pipeline.joiner.window_s)
+    joiner = pipeline.partition(0).joiner
+    return out + joiner.advance(events[-1]["ts"] + 10 * joiner.window_s)
 
 
 @pytest.mark.parametrize("batch", [1, 64, 512])

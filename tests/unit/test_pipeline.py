@@ -10,7 +10,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from stream.log.table import EVENTS, EXAMPLES, ParquetLog
+from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.worker.pipeline import IngestPipeline, Record
 
 T = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
@@ -90,10 +90,10 @@ class FakeDetector:
         return user_id in self.flagged
 
 
-def write_result(log: ParquetLog, result) -> None:
+def write_result(log: DeltaLog, result) -> None:
     """What the worker does with a batch result: examples and event rows into the log."""
-    log.write(EXAMPLES, result.examples)
-    log.write(EVENTS, result.log_table)
+    log.append(EVENTS, result.log_table)
+    log.append(EXAMPLES, result.examples)
 
 
 # -- dead letters ---------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_rating_becomes_example_directly():
     assert result.examples == [{
         "user_id": "u7", "item_id": "movie", "label": 4.0, "position": None, "propensity": 1.0,
         "weight": 1.0, "model_version": None, "request_id": None, "ts": T + 0.25, "kind": "rating",
-        "anomalous": False, "policy": None, "event_id": "r1",
+        "anomalous": False, "policy": None, "event_id": "r1", "variant": None,
     }]
     assert isinstance(result.examples[0]["label"], float)
 
@@ -278,7 +278,7 @@ def test_tick_closes_slates_after_idle_grace(clock):
     result = p.tick()
     assert summary(result.examples) == [("click", "r1", "b", 0.0)]
     assert result.examples[0]["weight"] == 4.0
-    assert len(p.joiner) == 0
+    assert p.open_slates == 0
     clock.now += 100
     assert p.tick().examples == []            # closed once
 
@@ -289,7 +289,7 @@ def test_tick_waits_for_idle_grace_even_when_window_passed(clock):
     p.process(records(imp("i1", "r1", T, [("a", 0.5)])))
     clock.now += 4.9                          # watermark would be T + 4.9 > T + 1
     assert p.tick().examples == []
-    assert len(p.joiner) == 1
+    assert p.open_slates == 1
     clock.now += 0.1
     assert summary(p.tick().examples) == [("click", "r1", "a", 0.0)]
 
@@ -300,7 +300,7 @@ def test_tick_does_not_close_before_window(clock):
     p.process(records(imp("i1", "r1", T, [("a", 0.5)])))
     clock.now += 60.0                         # watermark T + 60: on the deadline, still open
     assert p.tick().examples == []
-    assert len(p.joiner) == 1
+    assert p.open_slates == 1
     clock.now += 0.5
     assert summary(p.tick().examples) == [("click", "r1", "a", 0.0)]
 
@@ -363,7 +363,7 @@ def test_detector_not_called_for_batch_without_accepted_events():
 # -- restore --------------------------------------------------------------------------------------
 
 
-def first_run(log: ParquetLog) -> tuple[list[Record], IngestPipeline]:
+def first_run(log: DeltaLog) -> tuple[list[Record], IngestPipeline]:
     """A first worker: an old slate (closed), an open slate r1 with b clicked, a rating; all logged."""
     p = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
     batch1 = records(
@@ -383,13 +383,13 @@ def first_run(log: ParquetLog) -> tuple[list[Record], IngestPipeline]:
 def test_restore_from_empty_log(tmp_path):
     """Restoring from a log with no events restores nothing."""
     p = IngestPipeline()
-    assert p.restore(ParquetLog(tmp_path)) == {"events": 0, "open_slates": 0}
-    assert len(p.joiner) == 0 and len(p.dedupe) == 0
+    assert p.restore(DeltaLog(tmp_path)) == {"events": 0, "open_slates": 0}
+    assert p.open_slates == 0 and p.remembered_ids == 0
 
 
 def test_restore_treats_logged_ids_as_duplicates(tmp_path):
     """After restore, Kafka redelivering the first run's events gives only duplicates: nothing logged or emitted."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     replay, _ = first_run(log)
     p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
     assert p2.restore(log) == {"events": 4, "open_slates": 1}
@@ -400,7 +400,7 @@ def test_restore_treats_logged_ids_as_duplicates(tmp_path):
 
 def test_restore_closes_open_slates_with_right_negatives(tmp_path):
     """The restored slate closes with negatives for a and c only (b was clicked before the restart), and r0 is not closed twice."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     first_run(log)
     p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
     p2.restore(log)
@@ -418,7 +418,7 @@ def test_restore_closes_open_slates_with_right_negatives(tmp_path):
 
 def test_restore_keeps_clicked_pairs_and_accepts_new_clicks(tmp_path):
     """After restore, a new click on b is a duplicate_click (no second positive); a click on a is a positive."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     first_run(log)
     p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
     p2.restore(log)
@@ -432,7 +432,7 @@ def test_restore_keeps_clicked_pairs_and_accepts_new_clicks(tmp_path):
 
 def test_restore_then_tick_closes_slates(tmp_path, clock):
     """A restored pipeline that sees no new events still closes the restored slate by idle time."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     first_run(log)
     p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800, idle_grace_s=1, clock=clock)
     p2.restore(log)
@@ -442,7 +442,7 @@ def test_restore_then_tick_closes_slates(tmp_path, clock):
 
 def test_restore_does_not_reemit_negatives_of_slates_closed_by_tick(tmp_path, clock):
     """A slate closed by tick() before the restart (its negatives logged) is not reopened: no duplicate negatives."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     p1 = IngestPipeline(attribution_window_s=60, idle_grace_s=1, clock=clock)
     write_result(log, p1.process(records(imp("i1", "r1", T, [("a", 0.5), ("b", 0.5)]))))
     clock.now += 100
@@ -458,7 +458,7 @@ def test_restore_does_not_reemit_negatives_of_slates_closed_by_tick(tmp_path, cl
 
 def test_click_on_slate_closed_before_restart_is_late_not_orphan(tmp_path):
     """A click for a slate that closed before the restart is late_click after restore, as it would have been live."""
-    log = ParquetLog(tmp_path)
+    log = DeltaLog(tmp_path)
     p1 = IngestPipeline(attribution_window_s=60)
     write_result(log, p1.process(records(imp("i1", "r1", T, [("a", 1.0)]), rat("x", "z", 1.0, T + 70))))
     late = records(clk("c1", "r1", "a", T + 5), start=2)
@@ -467,3 +467,15 @@ def test_click_on_slate_closed_before_restart_is_late_not_orphan(tmp_path):
     p2 = IngestPipeline(attribution_window_s=60)
     p2.restore(log)
     assert p2.process(late).join_outcomes == {"late_click": 1}
+
+
+def test_a_restored_slate_keeps_its_ab_variant(tmp_path):
+    """Negatives of a slate rebuilt from the log after a restart name the variant that served it."""
+    log = DeltaLog(tmp_path)
+    p = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
+    write_result(log, p.process(records(dict(imp("iv", "rv", T, [("a", 0.5), ("b", 0.5)]), variant="control"))))
+    p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
+    p2.restore(log)
+    result = p2.process(records(rat("y9", "z", 1.0, T + 2000), start=5))
+    negatives = [e for e in result.examples if e["kind"] == "click"]
+    assert len(negatives) == 2 and {e["variant"] for e in negatives} == {"control"}
