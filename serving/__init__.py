@@ -13,6 +13,7 @@ Modules, one job each:
 ``live``                  the live version (swapped whole) and the recent ones
 ``updates``               bootstrap from the store, follow ``model.updates``, promote snapshots
 ``shadow``                the check a candidate snapshot must pass before promotion
+``ope``                   off-policy evaluation from the logged slates (``streamrec evaluate``)
 ``policies``              greedy, epsilon-greedy and softmax (Plackett-Luce) with propensities
 ``scorer``                micro-batched scoring of concurrent requests (exact mode)
 ``index``                 IVF item index: candidates for large catalogues, scored exactly

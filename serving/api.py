@@ -6,7 +6,9 @@
                           (true | false, default true), ``epsilon`` (0..1) and ``temperature``
                           (0.01..100) to override the replica's defaults.
                           Returns ``{request_id, model_version, user_id, policy, fallback,
-                          items: [{item_id, position, score, propensity}]}``.
+                          items: [{item_id, position, score, propensity}]}``, and ``variant``
+                          when the replica runs A/B variants (``serving.variants``: the
+                          variant may fix the policy, which ``policy`` then reports).
 ``POST /predict``         JSON ``{user_id, item_ids: [...] (1..1000), kind?: rating | click}``.
                           Returns ``{model_version, user_id, kind, known_user,
                           items: [{item_id, score, known}]}``.
@@ -264,6 +266,8 @@ def build_app(recommender: Recommender, metrics: ServingMetrics, readiness: Call
         result = await recommender.recommend(q.user_id, q.k, q.policy, q.exclude_seen, q.epsilon, q.temperature)
         if result["fallback"]:
             metrics.fallbacks.inc()
+        if "variant" in result:
+            metrics.variant_requests.labels(result["variant"]).inc()
         return _json(result)
 
     async def predict(request: web.Request) -> web.Response:

@@ -12,6 +12,10 @@ from its previous answer) to send a request's whole header, after which aiohttp 
 ``keepalive_timeout``, which also closes idle keep-alive connections: a proxy in front should keep
 its own idle timeout shorter); a request has ``body_timeout_s`` to send its body (``serving.api``);
 and at most ``max_connections`` are open at once (``serving.connections``).
+
+With A/B variants (``serving.variants``) the pinned store versions they name are loaded before the
+replica serves (a version that is missing or does not verify stops the start with
+``VariantError``), and the monitor keeps click figures per variant (``serving.ab_monitor``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import signal
 
 from aiohttp import web
 
+from learner.updates import read_snapshot
+from serving.ab_monitor import VariantQuality
 from serving.api import build_app
 from serving.connections import ConnectionGate
 from serving.index import IndexSettings
@@ -33,6 +39,8 @@ from serving.scorer import BatchScorer
 from serving.seen import SeenItems
 from serving.settings import ServeSettings
 from serving.updates import ModelUpdater
+from serving.model import ServingModel
+from serving.variants import Assignment, VariantError, snapshot_folder
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -45,9 +53,12 @@ LINGER_S = 2.0
 
 
 class ServingApp:
-    """A serving replica; ``await start()``, then ``port`` is bound; ``await stop()`` to end."""
+    """A serving replica; ``await start()``, then ``port`` is bound; ``await stop()`` to end.
 
-    def __init__(self, settings: ServeSettings) -> None:
+    ``variants`` splits the users between A/B variants (None: every user gets the live model).
+    """
+
+    def __init__(self, settings: ServeSettings, variants: Assignment | None = None) -> None:
         if not settings.bootstrap_servers:
             raise ValueError("no Kafka cluster: set KAFKA_BOOTSTRAP_SERVERS or pass --bootstrap-servers")
         settings.check()
@@ -57,15 +68,23 @@ class ServingApp:
         self.live = LiveModel(s.history, self.metrics)
         self.seen = SeenItems(s.seen_users, s.seen_per_user)
         self.popularity = Popularity(s.popularity_half_life_s)
+        self.variants = variants
+        self.pinned: dict[str, ServingModel] = {}  # filled by start()
+        variant_quality = None
+        if variants is not None:
+            self.metrics.track_variants(variants.names)
+            variant_quality = VariantQuality(variants.names, self.metrics, s.rmse_window)
         self.monitor = Monitor(self.live, self.metrics, self.seen, self.popularity, rmse_window=s.rmse_window,
-                               drift_window=s.drift_window, shadow_window=s.shadow_window)
+                               drift_window=s.drift_window, shadow_window=s.shadow_window,
+                               variants=variant_quality, pinned=self.pinned,
+                               slate_hold_s=2.0 * s.attribution_window_s)
         self.scorer = BatchScorer()
         self.recommender = Recommender(self.live, self.scorer, self.seen, self.popularity, self.monitor, kind=s.kind,
                                        candidates=s.candidates, epsilon=s.epsilon, temperature=s.temperature,
-                                       seed=s.seed)
+                                       seed=s.seed, variants=variants, pinned=self.pinned)
         self.index = IndexSettings.of(s)
         self.updater = ModelUpdater(s.store_dir, s.model, self.live, self.metrics, self.monitor.recent_outcomes,
-                                    s.shadow_tolerance, s.shadow_min_outcomes, index=self.index)
+                                    s.shadow_tolerance, s.shadow_min_outcomes, index=self.index, kind=s.kind)
         self.web = build_app(self.recommender, self.metrics, self.readiness, self.monitor.maybe_refresh_drift,
                              body_timeout_s=s.body_timeout_s)
         self._runner: web.AppRunner | None = None
@@ -82,11 +101,13 @@ class ServingApp:
         return True, "ready"
 
     async def start(self, follow: bool = True) -> None:
-        """Serve HTTP, then load the model and follow the topics in the background.
+        """Load the store versions A/B variants pin, serve HTTP, then load the model and follow the
+        topics in the background.
 
         ``follow=False`` serves HTTP only, with whatever is swapped into ``live`` by hand (tests of
         the API that need no broker).
         """
+        await self._load_pinned()
         self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False,
                                      keepalive_timeout=self.settings.header_timeout_s, lingering_time=LINGER_S)
         await self._runner.setup()
@@ -103,6 +124,23 @@ class ServingApp:
             asyncio.create_task(_retrying("examples", lambda: follow_examples(
                 self.monitor, s.bootstrap_servers, self.topics.examples, s.examples_lookback_s)), name="examples"),
         ]
+
+    async def _load_pinned(self) -> None:
+        """Load the store versions the variants pin (VariantError when one cannot be served)."""
+        loop = asyncio.get_running_loop()
+        for variant in self.variants.variants if self.variants is not None else ():
+            if not variant.pinned or variant.source in self.pinned:
+                continue
+            folder = snapshot_folder(self.settings.store_dir, self.settings.model, variant.source)
+            try:
+                model = await loop.run_in_executor(None, lambda: ServingModel.from_snapshot(read_snapshot(folder),
+                                                                                         self.index))
+            except ValueError as err:  # SnapshotError, or values that are not finite
+                raise VariantError(f"--variant {variant.name}: snapshot {variant.source} cannot be served: {err}") \
+                    from None
+            self.pinned[variant.source] = model
+            log.info("variant %s serves the pinned snapshot %s (%d users, %d items)", variant.name, model.version,
+                     len(model.users), len(model.items))
 
     async def _keep_following(self) -> None:
         try:
@@ -145,10 +183,10 @@ async def _retrying(name: str, follow) -> None:
             await asyncio.sleep(RETRY_S)
 
 
-def run(settings: ServeSettings) -> None:
-    """Run one replica until SIGINT or SIGTERM."""
+def run(settings: ServeSettings, variants: Assignment | None = None) -> None:
+    """Run one replica (with A/B ``variants``, if given) until SIGINT or SIGTERM."""
     async def main() -> None:
-        app = ServingApp(settings)
+        app = ServingApp(settings, variants)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

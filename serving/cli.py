@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from serving.settings import RETRIEVAL_MODES, ServeSettings
+from serving.variants import DEFAULT_SALT, MAX_SALT_BYTES, SYNTAX, Assignment, VariantError, check_salt, parse_variants
 
 # flag name -> (type, help); the defaults shown come from ServeSettings (environment included).
 _FLAGS = {
@@ -30,13 +31,16 @@ _FLAGS = {
     "max_connections": (int, "open HTTP connections at most; past it a new one gets 503 and is closed (keep it "
                              "below the process's file limit)"),
     "epsilon": (float, "default exploration probability of epsilon_greedy"),
+    "attribution_window_s": (float, "the worker's attribution window (event-time seconds): the monitor scores a "
+                                    "slate's clicks together with its unclicked items, which arrive when it closes"),
     "temperature": (float, "default temperature of softmax"),
     "candidates": (int, "softmax samples among this many best-scored items"),
     "history": (int, "recent model versions kept to score outcomes with the version that served them"),
     "rmse_window": (int, "outcomes per kind in the served RMSE"),
     "drift_window": (int, "observations in each of the reference and current drift windows"),
     "shadow_window": (int, "recent outcomes a candidate snapshot is checked on"),
-    "shadow_tolerance": (float, "relative RMSE by which a candidate may be worse and still be promoted"),
+    "shadow_tolerance": (float, "relative RMSE by which a candidate may be worse and still be promoted, and "
+                                 "by which its estimated CTR (lower end of its 95%% interval) may fall below the live model's"),
     "shadow_min_outcomes": (int, "outcomes of a kind needed before it can refuse a candidate"),
     "seen_users": (int, "users whose seen items are kept (exclude_seen)"),
     "seen_per_user": (int, "items kept per user (exclude_seen)"),
@@ -82,6 +86,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(serving.index, serving.policies). The index is built when a snapshot loads and "
                         f"rebuilt in the background as deltas accumulate (default {defaults.retrieval})")
     p.add_argument("--seed", type=int, default=None, help="seed of the exploration policies (default: random)")
+    p.add_argument("--variant", action="append", default=None, metavar=SYNTAX,
+                   help="an A/B variant; repeat the flag for each. NAME names it in responses, impressions and "
+                        "metrics; SOURCE is 'live' (the live model), a model store version such as mf-12 (that "
+                        "snapshot, pinned) or 'popularity' (recent popularity, the baseline); POLICY (optional; "
+                        "a policy of GET /recommendations, e.g. epsilon_greedy) replaces the request's policy; "
+                        "WEIGHT is the variant's relative share of the users, who are assigned by a keyed hash of "
+                        "user_id, the same on every replica and after restarts. E.g. --variant "
+                        "model=live/epsilon_greedy:1 --variant control=popularity/epsilon_greedy:1; compare them "
+                        "with `streamrec ab` (default: no A/B test)")
+    p.add_argument("--variant-salt", default=DEFAULT_SALT,
+                   help="key of the assignment hash; a new salt draws a new, independent assignment for a new "
+                        f"experiment (1..{MAX_SALT_BYTES} bytes; default {DEFAULT_SALT!r})")
     p.set_defaults(func=cmd_serve)
 
 
@@ -100,14 +116,28 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return settings
 
 
+def variants_from_args(args: argparse.Namespace) -> Assignment | None:
+    """The A/B assignment the ``--variant`` flags describe (None without any); SystemExit naming
+    the flag when one is wrong."""
+    try:
+        check_salt(args.variant_salt)
+        return Assignment(parse_variants(args.variant), args.variant_salt) if args.variant else None
+    except VariantError as err:
+        raise SystemExit(f"streamrec serve: {err}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is imported (module docstring)
     from serving.app import run
     from stream.tools.command import resolve_bootstrap
 
     settings = settings_from_args(args)
+    variants = variants_from_args(args)
     settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
-    run(settings)
+    try:
+        run(settings, variants)
+    except VariantError as err:  # a pinned version missing from the store or unusable
+        raise SystemExit(f"streamrec serve: {err}") from None
     return 0
 
 

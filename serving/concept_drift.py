@@ -33,10 +33,11 @@ import numpy as np
 
 
 class PageHinkley:
-    """One-sided Page-Hinkley test for an increase in the mean of a stream.
+    """Page-Hinkley test for an increase (or, two-sided, any change) in the mean of a stream.
 
     Parameters:
         delta: tolerated increase of the mean (in the stream's units) that never raises an alarm.
+        two_sided: also test for a decrease of the mean (by the mirrored statistic).
         threshold: the evidence $\\lambda$ needed for an alarm.
         burn_in: observations before the test may alarm (the running mean settles first).
         hold: after an alarm, ``alarm`` stays true for this many observations.
@@ -47,10 +48,12 @@ class PageHinkley:
         statistic: the current $m_t - M_t$.
     """
 
-    def __init__(self, delta: float = 0.02, threshold: float = 100.0, burn_in: int = 200, hold: int = 500) -> None:
+    def __init__(self, delta: float = 0.02, threshold: float = 80.0, burn_in: int = 200, hold: int = 500,
+                 two_sided: bool = False) -> None:
         if delta < 0 or threshold <= 0 or burn_in < 0 or hold < 1:
             raise ValueError("PageHinkley needs delta >= 0, threshold > 0, burn_in >= 0 and hold >= 1")
         self.delta, self.threshold, self.burn_in, self.hold = delta, threshold, burn_in, hold
+        self.two_sided = two_sided
         self.alarms = 0
         self._since_alarm = hold
         self._reset()
@@ -58,12 +61,13 @@ class PageHinkley:
     def _reset(self) -> None:
         self._n = 0
         self._mean = 0.0
-        self._cumulative = 0.0
-        self._minimum = 0.0
+        self._cumulative = self._minimum = 0.0  # the test for an increase
+        self._falling = self._maximum = 0.0  # and, when two-sided, for a decrease
 
     @property
     def statistic(self) -> float:
-        return self._cumulative - self._minimum
+        rise = self._cumulative - self._minimum
+        return max(rise, self._maximum - self._falling) if self.two_sided else rise
 
     @property
     def alarm(self) -> bool:
@@ -76,6 +80,9 @@ class PageHinkley:
         self._mean += (x - self._mean) / self._n
         self._cumulative += x - self._mean - self.delta
         self._minimum = min(self._minimum, self._cumulative)
+        if self.two_sided:
+            self._falling += x - self._mean + self.delta
+            self._maximum = max(self._maximum, self._falling)
         if self._n > self.burn_in and self.statistic > self.threshold:
             self.alarms += 1
             self._since_alarm = 0

@@ -3,7 +3,13 @@
 Each ``ServingMetrics`` owns a ``CollectorRegistry``, so several servers can live in one process
 (the tests run many). The DESIGN.md names (contract) come first; the counters after them say why
 a snapshot, a delta or an example was not used. Labels are low-cardinality by construction:
-routes, kinds, signals, result codes, and the one live model version.
+routes, kinds, signals, result codes, the one live model version, and the A/B variants of the
+replica's configuration (at most ``serving.variants.MAX_VARIANTS``; outcomes naming any other
+variant are not labelled).
+
+The per-variant figures are families of their own (``streamrec_variant_*{variant}``) beside the
+all-traffic ones, so that the all-traffic series, the alert rules and the dashboards built on them
+keep their labels whether or not an A/B test runs.
 """
 from __future__ import annotations
 
@@ -83,6 +89,11 @@ class ServingMetrics:
                                          "(learner.updates.SNAPSHOT_FAULTS), announcement (not the announced files, "
                                          "outside the store, unreadable), unexpected (a failure building the "
                                          "model; logged with its traceback).", ["reason"], registry=r)
+        self.shadow_refusals = Counter("streamrec_serving_shadow_refusals", "Candidate snapshots the shadow check "
+                                       "refused, by reason: rmse (predicts recent outcomes worse than the live "
+                                       "model), ctr (estimated CTR on the logged slates, lower end of its 95% "
+                                       "interval, below the live model's by more than the tolerance).", ["reason"],
+                                       registry=r)
         self.delta_gaps = Counter("streamrec_serving_delta_gaps", "Times the next delta's seq was not the one "
                                   "after the served one (some deltas were never seen).", registry=r)
         self.examples = Counter("streamrec_serving_examples", "Outcomes read from `examples`, by how the version "
@@ -93,6 +104,20 @@ class ServingMetrics:
                                      "by status.", ["route"], registry=r)
         self.connections = Gauge("streamrec_serving_connections", "Open HTTP connections (admitted under the cap).",
                                  registry=r)
+        self.variant_requests = Counter("streamrec_variant_requests", "Recommendations answered, by A/B variant "
+                                        "(only with --variant).", ["variant"], registry=r)
+        self.variant_outcomes = Counter("streamrec_variant_outcomes", "Click outcomes of slates served by each A/B "
+                                        "variant, scored by the monitor.", ["variant"], registry=r)
+        self.variant_ctr = Gauge("streamrec_variant_served_ctr", "Observed CTR (clicks per shown item) of each A/B "
+                                 "variant's slates over its last outcomes on `examples` (positives arrive at "
+                                 "the click, negatives when the attribution window closes: `streamrec ab` "
+                                 "compares variants from the log, with intervals).", ["variant"], registry=r)
+        self.variant_logloss = Gauge("streamrec_variant_served_logloss", "streamrec_served_logloss on the outcomes "
+                                     "of each A/B variant's slates.", ["variant"], registry=r)
+        self.variant_baseline_logloss = Gauge("streamrec_variant_served_baseline_logloss", "Log loss of the variant's "
+                                              "running CTR on the same outcomes.", ["variant"], registry=r)
+        self.variant_calibration = Gauge("streamrec_variant_served_calibration", "streamrec_served_calibration on "
+                                         "the outcomes of each A/B variant's slates.", ["variant"], registry=r)
         self.connections_refused = Counter("streamrec_serving_connections_refused", "HTTP connections answered 503 "
                                            "and closed because the replica held its cap of open connections.",
                                            registry=r)
@@ -112,6 +137,15 @@ class ServingMetrics:
             gauge.set(float("nan"))
         for route in ROUTES:
             self.request_seconds.labels(route)
+
+    def track_variants(self, names: list[str]) -> None:
+        """Start the series of the configured A/B variants (0 requests, NaN figures)."""
+        for name in names:
+            self.variant_requests.labels(name)
+            self.variant_outcomes.labels(name)
+            for gauge in (self.variant_ctr, self.variant_logloss, self.variant_baseline_logloss,
+                          self.variant_calibration):
+                gauge.labels(name).set(float("nan"))
 
     def track_model(self, published_ts: Callable[[], float | None]) -> None:
         """Compute the model age at every scrape from the live model's publish time."""

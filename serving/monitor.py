@@ -2,7 +2,8 @@
 
 It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
 
-* **served quality** per kind over the last ``rmse_window`` outcomes, each figure beside its
+* **served quality** per kind over the last ``rmse_window`` outcomes, a slate's click outcomes
+  scored together when its negatives arrive (``serving.slate_order``), each figure beside its
   running-mean baseline (``learner.quality``): the prediction is the one made by the model
   version that was live at the time (ratings: the predicted rating, clipped to the version's
   rating range as the learner's prequential scores are, so that both RMSEs of one model on the
@@ -10,7 +11,8 @@ It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
   with the version's click calibration, against the 0/1 label). The version is, in this order,
   the one named by the outcome's ``model_version`` (the version that served the impression) if it
   is still held, else the one live at the outcome's event time ``ts`` if that is within the held
-  history, else the one live when the outcome arrived on ``examples``. The last case covers
+  history, else the one live when the outcome (for a click, its whole slate) had arrived on
+  ``examples``. The last case covers
   ratings replayed with historical timestamps and old impressions; the learner consumes the same
   topic in parallel, so that version has not learned from the outcome yet. Anomalous outcomes are
   not scored (the learner skips them too); every outcome is counted by how its version was found
@@ -21,9 +23,10 @@ It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
   version does not know); what the model changes itself, statistics that never alarm
   (``score``, ``item_popularity``, ``label_rate``: the feedback loop moves them whenever the
   model learns); and quality, Page-Hinkley (``serving.concept_drift``) on the served model's
-  per-outcome loss in excess of its baseline's loss on the same outcome (``loss_click``: log
-  loss, ``loss_rating``: squared error), so that a change of the click rate alone, which moves
-  both losses, is not mistaken for a worse model. The share signals alarm only when they rise.
+  errors (``loss_click``: the calibration error p - y of each click outcome, two-sided;
+  ``loss_rating``: the squared error in excess of the running mean rating's), so that a change
+  of the click rate that the model follows is not mistaken for a worse model. The share signals
+  alarm only when they rise.
 * the **seen items** of each user (for ``exclude_seen``) and the **popularity** counts (for the
   fallback); an interaction is a rating or a positive click.
 * the **recent outcomes** that the shadow check scores candidate models on.
@@ -46,16 +49,20 @@ from serving.live import LiveModel
 from serving.metrics import ENDOGENOUS_SIGNALS, ServingMetrics
 from serving.model import ServingModel
 from serving.popularity import Popularity
-from learner.quality import ClickQuality, RatingQuality, log_losses
+from learner.quality import ClickQuality, RatingQuality
 from serving.seen import SeenItems
-from serving.shadow import Outcome
+from serving.slate_order import SlateOrder
+from serving.ab_monitor import VariantQuality
+from serving.shadow import Outcome, outcome_of
 from stream.events import MAX_ID_CHARS
 from stream.examples import CLICK, EXAMPLE_KINDS, RATING
 
-# Page-Hinkley on the excess loss (model minus baseline, per outcome): the tolerated rise of its
-# mean and the evidence an alarm needs, per kind (squared stars are larger than nats); the
-# false-alarm rates and detection delays these give are measured in docs/monitoring.md.
-CONCEPT_DRIFT = {CLICK: {"delta": 0.02, "threshold": 100.0}, RATING: {"delta": 0.1, "threshold": 120.0}}
+# Page-Hinkley per kind: clicks on the calibration error p - y (two-sided: predictions drifting
+# away from outcomes either way), ratings on the squared error in excess of the running mean's;
+# the tolerated change of the mean and the evidence an alarm needs, with the false-alarm rates and
+# detection delays they give, are in docs/monitoring.md.
+CONCEPT_DRIFT = {CLICK: {"delta": 0.02, "threshold": 80.0, "two_sided": True},
+                 RATING: {"delta": 0.1, "threshold": 120.0}}
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +100,22 @@ class Monitor:
         rmse_window: outcomes per kind in the served quality figures.
         drift_window: observations in each of the reference and current windows.
         shadow_window: recent outcomes kept for the shadow check.
+        slate_hold_s: event-time seconds a click waits for its slate's negatives before it is scored
+            alone (``serving.slate_order``; the worker's attribution window plus a margin).
         drift_every_s: least seconds between two drift computations.
+        variants: per-variant click figures of an A/B test (``serving.ab_monitor``), if one runs.
+        pinned: the pinned store versions A/B variants serve, by version (an outcome they served is
+            scored with its version).
     """
 
     def __init__(self, live: LiveModel, metrics: ServingMetrics, seen: SeenItems, popularity: Popularity,
                  rmse_window: int = 2000, drift_window: int = 1000, shadow_window: int = 2000,
-                 drift_every_s: float = 1.0) -> None:
+                 drift_every_s: float = 1.0, variants: VariantQuality | None = None,
+                 pinned: dict[str, ServingModel] | None = None, slate_hold_s: float = 1800.0 + 600.0) -> None:
         self.live = live
+        self.slate_order: SlateOrder[tuple] = SlateOrder(slate_hold_s)
+        self.variants = variants
+        self.pinned = {} if pinned is None else pinned
         self.metrics = metrics
         self.seen = seen
         self.popularity = popularity
@@ -136,7 +152,9 @@ class Monitor:
         groups: dict[tuple[int, str], tuple[ServingModel, list[int]]] = {}
         scored: dict[str, list[tuple[str, str, float, int]]] = {kind: [] for kind in EXAMPLE_KINDS}
         items, users, labels, popular = [], [], [], []
-        for example, arrival in zip(examples, arrivals):
+        click_variants: list[object] = []  # the variant of each scored click outcome (None outside A/B tests)
+        pending: list[tuple] = []  # (request_id, label, ts, what to score) in arrival order
+        for example in examples:
             parsed = _parse(example)
             if parsed is None:
                 results["invalid"] = results.get("invalid", 0) + 1
@@ -152,17 +170,27 @@ class Monitor:
             if anomalous:
                 results["anomalous"] = results.get("anomalous", 0) + 1
                 continue
-            self._recent.append(Outcome(user, item, label, kind))
-            model, how = self._version_for(version, ts, arrival)
+            self._recent.append(outcome_of(example, user, item, label, kind))
+            request_id = example.get("request_id") if kind == CLICK else None
+            pending.append((request_id if isinstance(request_id, str) else None, label, ts,
+                            (version, ts, kind, (user, item, label, position), example.get("variant"))))
+        # a slate's outcomes together, each scored by the version found when its slate is complete
+        latest = max(arrivals, default=now)
+        for version, ts, kind, outcome, variant in self.slate_order.add(pending):
+            model, how = self._version_for(version, ts, latest)
             if model is None:
                 results["no_model"] = results.get("no_model", 0) + 1
                 continue
             results[how] = results.get(how, 0) + 1
             groups.setdefault((id(model), kind), (model, []))[1].append(len(scored[kind]))
-            scored[kind].append((user, item, label, position))
+            scored[kind].append(outcome)
+            if kind == CLICK:
+                click_variants.append(variant)
         for kind, outcomes in scored.items():
             if outcomes:
-                self._score(kind, outcomes, [(m, idx) for (_, k), (m, idx) in groups.items() if k == kind])
+                predicted = self._score(kind, outcomes, [(m, idx) for (_, k), (m, idx) in groups.items() if k == kind])
+                if kind == CLICK and self.variants is not None:
+                    self.variants.add(click_variants, predicted, np.array([o[2] for o in outcomes]))
         for result, n in results.items():
             self.metrics.examples.labels(result).inc(n)
         self.popularity.add(popular, now)
@@ -173,8 +201,9 @@ class Monitor:
         return sum(len(o) for o in scored.values())
 
     def _score(self, kind: str, outcomes: list[tuple[str, str, float, int]],
-               groups: list[tuple[ServingModel, list[int]]]) -> None:
-        """Predict each outcome with its version, in arrival order, and feed quality, loss and drift."""
+               groups: list[tuple[ServingModel, list[int]]]) -> np.ndarray:
+        """Predict each outcome with its version, in arrival order, and feed quality, loss and drift;
+        returns the predictions."""
         predicted, new_user, new_item = (np.empty(len(outcomes)) for _ in range(3))
         for model, idx in groups:
             user_rows = model.users.rows([outcomes[i][0] for i in idx])
@@ -191,24 +220,26 @@ class Monitor:
         self.metrics.served_rmse.labels(kind).set(quality.rmse())
         self.metrics.served_baseline_rmse.labels(kind).set(quality.baseline_rmse())
         if kind == CLICK:
-            excess = log_losses(predicted, labels) - log_losses(baseline, labels)
+            change = predicted - labels  # calibration error: mean 0 for a calibrated model at any CTR
             self.metrics.served_logloss.set(quality.logloss())
             self.metrics.served_baseline_logloss.set(quality.baseline_logloss())
             self.metrics.served_auc.set(quality.auc())
             self.metrics.served_calibration.set(quality.calibration())
         else:
-            excess = np.square(predicted - labels) - np.square(baseline - labels)
+            change = np.square(predicted - labels) - np.square(baseline - labels)
         detector = self.loss_drift[kind]
-        detector.update_many(excess)
+        detector.update_many(change)
         self.metrics.concept_drift.labels(f"loss_{kind}").set(detector.statistic)
         self.metrics.drift_alarm.labels(f"loss_{kind}").set(int(detector.alarm))
         slates = [o[0] for o in outcomes]  # a user's outcomes come in bursts: the design effect's clusters
         self.drift["new_users"].add(new_user, clusters=slates)
         self.drift["new_items"].add(new_item, clusters=slates)
+        return predicted
 
     def _version_for(self, version: str | None, ts: float | None, arrival: float) -> tuple[ServingModel | None, str]:
         if version is not None:
             model = self.live.by_version(version)
+            model = self.pinned.get(version) if model is None else model
             if model is not None:
                 return model, "served_version"
         if ts is not None and ts >= self.live.oldest_live_from:

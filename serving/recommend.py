@@ -12,6 +12,10 @@ probability, per the replica's ``kind`` (an unknown user's prediction uses zero 
 ``exclude_seen`` drops the items the user interacted with, as far as this replica has seen them
 on ``examples``.
 
+With A/B variants (``serving.variants``) the user's variant picks the model (the live one, or a
+pinned store version), the policy (when the variant fixes one) or the popularity ranking, and
+the response names it in ``variant``; the items' ``score`` stays the served model's prediction.
+
 A known user of a version with an item index (``serving.index``) is scored on the candidates
 the index retrieves, synchronously in the request (a few thousand rows: cheaper than queueing
 it for a batch); without an index every item is scored through the ``BatchScorer``. How the
@@ -36,6 +40,7 @@ from serving.model import KINDS, ServingModel
 from serving.popularity import Popularity
 from serving.scorer import BatchScorer, Choose
 from serving.seen import SeenItems
+from serving.variants import POPULARITY, Assignment
 
 
 _NOTHING = np.zeros(0, np.int64)
@@ -59,11 +64,14 @@ class Recommender:
         epsilon: default exploration probability of ``epsilon_greedy``.
         temperature: default temperature of ``softmax``.
         seed: seed of the policies' random generator (None: from the OS).
+        variants: the A/B assignment of users to variants (None: no A/B test).
+        pinned: the model of each pinned store version the variants name, by version.
     """
 
     def __init__(self, live: LiveModel, scorer: BatchScorer, seen: SeenItems, popularity: Popularity,
                  monitor: Monitor | None = None, kind: str = "rating", candidates: int = 200,
-                 epsilon: float = 0.1, temperature: float = 1.0, seed: int | None = None) -> None:
+                 epsilon: float = 0.1, temperature: float = 1.0, seed: int | None = None,
+                 variants: Assignment | None = None, pinned: dict[str, ServingModel] | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.live = live
@@ -76,6 +84,8 @@ class Recommender:
         self.epsilon = epsilon
         self.temperature = temperature
         self._rng = np.random.default_rng(seed)
+        self.variants = variants
+        self.pinned = {} if pinned is None else pinned
         self._request_prefix = secrets.token_hex(8)
         self._request_counter = itertools.count()
 
@@ -100,7 +110,14 @@ class Recommender:
     async def recommend(self, user_id: str, k: int = 10, policy: str = "greedy", exclude_seen: bool = True,
                         epsilon: float | None = None, temperature: float | None = None) -> dict:
         """The response of ``GET /recommendations`` (see DESIGN.md, the loop)."""
-        model = self._model()
+        variant = None if self.variants is None else self.variants.assign(user_id)
+        if variant is not None and variant.pinned:
+            model = self.pinned[variant.source]
+        else:
+            model = self._model()  # the live version: also the popularity variant's catalogue and scores
+        if variant is not None:
+            policy = variant.policy or policy
+        by_popularity = variant is not None and variant.source == POPULARITY
         choose = self._policy(policy, k, epsilon, temperature)  # ValueError for an unknown policy
         user_row = model.users.row(user_id)
         seen = self.seen.get(user_id) if exclude_seen else ()
@@ -110,7 +127,7 @@ class Recommender:
         else:
             exclude = _NOTHING
         matrix = model.items.matrix()
-        if user_row >= 0 and model.index is not None:
+        if user_row >= 0 and model.index is not None and not by_popularity:
             query, offset = model.query(user_row, self.kind)
             rows, logits = model.index.search(query, exclude, need=k)
             logits += np.float32(offset)
@@ -124,29 +141,32 @@ class Recommender:
                 chosen, chosen_logits = rows[slate.indices], logits[slate.indices]
             slate = policies.Slate(chosen, slate.propensities)
             scores = model.output(self.kind, chosen_logits)
-        elif user_row >= 0:
+        elif user_row >= 0 and not by_popularity:
             query, offset = model.query(user_row, self.kind)
             slate, logits = await self.scorer.rank(matrix, query, offset, exclude, choose)
             scores = model.output(self.kind, logits)
         else:
             base = self.popularity.scores(model, self.kind)
             slate, _ = await self.scorer.rank(matrix, None, 0.0, exclude, choose, base=base)
-            scores = model.predict_rows(np.full(len(slate.indices), -1, np.int64), slate.indices, self.kind)
+            scores = model.predict_rows(np.full(len(slate.indices), user_row, np.int64), slate.indices, self.kind)
         if self.monitor is not None and len(scores):
             self.monitor.observe_served(scores)
         id_of = model.items.id_of
-        return {
+        response = {
             "request_id": f"{self._request_prefix}{next(self._request_counter):016x}",
             "model_version": model.version,
             "user_id": user_id,
             "policy": policy,
-            "fallback": user_row < 0,
+            "fallback": user_row < 0 and not by_popularity,
             "items": [
                 {"item_id": id_of(i), "position": position, "score": s, "propensity": p}
                 for position, (i, s, p) in enumerate(zip(slate.indices.tolist(), np.asarray(scores, np.float64).tolist(),
                                                          np.asarray(slate.propensities, np.float64).tolist()), start=1)
             ],
         }
+        if variant is not None:
+            response["variant"] = variant.name
+        return response
 
     def predict(self, user_id: str, item_ids: Sequence[str], kind: str | None = None) -> dict:
         """The response of ``POST /predict``: the model's scores of ``item_ids`` for ``user_id``."""

@@ -34,6 +34,9 @@ class ServeSettings:
     # swings with the arrival order (docs/monitoring.md)
     rmse_window: int = field(default_factory=lambda: env_int("SERVE_RMSE_WINDOW", 10_000))
     drift_window: int = field(default_factory=lambda: env_int("DRIFT_WINDOW", 1000))
+    # the worker's attribution window (the same variable): a click waits for its slate's negatives
+    # at most twice as long before the monitor scores it alone (serving.slate_order)
+    attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 1800.0))
     shadow_window: int = field(default_factory=lambda: env_int("SHADOW_WINDOW", 2000))
     shadow_tolerance: float = field(default_factory=lambda: env_float("SHADOW_TOLERANCE", 0.05))
     shadow_min_outcomes: int = field(default_factory=lambda: env_int("SHADOW_MIN_OUTCOMES", 100))
@@ -60,6 +63,7 @@ class ServeSettings:
             (self.candidates >= 1, "candidates must be at least 1"),
             (self.history >= 1, "history must be at least 1"),
             (min(self.rmse_window, self.drift_window, self.shadow_window) >= 2, "windows must hold at least 2"),
+            (self.attribution_window_s > 0, "attribution_window_s must be positive"),
             (self.shadow_tolerance >= 0, "shadow_tolerance must not be negative"),
             (self.shadow_min_outcomes >= 1, "shadow_min_outcomes must be at least 1"),
             (self.seen_users >= 1 and self.seen_per_user >= 1, "seen_users and seen_per_user must be positive"),

@@ -17,7 +17,9 @@ The format is the learner's (``learner/PUBLISHING.md``, ``learner.updates``):
    the following deltas still apply, since each carries the full value of its rows.
 3. **Snapshots announced on the topic** (key ``snapshot/<model>``) newer than the served seq,
    or at the served seq when deltas were missed, are loaded from the store, verified, and
-   promoted only if they pass the shadow check against recent outcomes (``serving.shadow``).
+   promoted only if they pass the shadow check against recent outcomes (``serving.shadow``: RMSE,
+   then the CTR the logged slates give evidence of; a refusal is counted by reason in
+   ``streamrec_serving_shadow_refusals_total{reason}``).
    The store path in the announcement must stay inside the store. A refused announcement is
    passed over like any other record: what follows it on the topic still applies.
 
@@ -76,11 +78,12 @@ class ModelUpdater:
         shadow_tolerance: how much worse (relative RMSE) a candidate may be and still be promoted.
         shadow_min_outcomes: outcomes of a kind needed before that kind can refuse a candidate.
         index: how candidates are retrieved (None: exact scoring, no index).
+        kind: the logits serving ranks by (the shadow check's CTR evidence ranks by them too).
     """
 
     def __init__(self, store_dir: Path, model: str, live: LiveModel, metrics: ServingMetrics,
                  recent_outcomes: Callable[[], list[Outcome]], shadow_tolerance: float = 0.05,
-                 shadow_min_outcomes: int = 100, index: IndexSettings | None = None) -> None:
+                 shadow_min_outcomes: int = 100, index: IndexSettings | None = None, kind: str = "click") -> None:
         self.store_dir = Path(store_dir)
         self.model = model
         self.live = live
@@ -89,6 +92,7 @@ class ModelUpdater:
         self.shadow_tolerance = shadow_tolerance
         self.shadow_min_outcomes = shadow_min_outcomes
         self.index = index
+        self.kind = kind
         self.caught_up = False
         self._swap_lock = asyncio.Lock()
         self._rebuild: asyncio.Task | None = None
@@ -232,10 +236,13 @@ class ModelUpdater:
         async with self._swap_lock:
             live = self.live.current
             if live is not None:
-                verdict = shadow_check(live, candidate, self.recent_outcomes(), self.shadow_tolerance,
-                                       self.shadow_min_outcomes)
+                # Off the event loop: the CTR evidence scores the catalogue for every recent user.
+                verdict = await asyncio.get_running_loop().run_in_executor(
+                    None, shadow_check, live, candidate, self.recent_outcomes(), self.shadow_tolerance,
+                    self.shadow_min_outcomes, self.kind)
                 if not verdict.promote:
                     self.metrics.snapshots.labels("shadow_refused").inc()
+                    self.metrics.shadow_refusals.labels(verdict.refused_for).inc()
                     log.warning("kept %s, refused snapshot %s: %s", live.version, candidate.version, verdict.reason)
                     return
                 log.info("promoting snapshot %s over %s: %s", candidate.version, live.version, verdict.reason)

@@ -2,7 +2,8 @@
 
 For every simulated request (``sim.simulator``) the driver calls
 ``GET /recommendations?user_id=...&policy=...``, logs the impression through the producer SDK with
-exactly the ``request_id``, ``model_version``, positions and propensities serving returned, lets
+exactly the ``request_id``, ``model_version``, positions and propensities (and the A/B ``variant``,
+when serving names one) serving returned, lets
 the simulated user respond with position-biased clicks and logs those clicks. Before serving has
 a model (``503``), the slate is drawn uniformly at random and logged as such (policy ``uniform``,
 propensity 1/n per position): the cold start is logged as honestly as the rest.
@@ -117,7 +118,9 @@ class ClosedLoop:
                 stats.model_versions.add(version)
             items = [{"item_id": it["item_id"], "position": it["position"], "propensity": it["propensity"],
                       **({"score": it["score"]} if "score" in it else {})} for it in slate]
-            self.producer.send(ev.impression(request.user_id, request_id, version, policy, items, ts=request.ts))
+            variant = None if body is None else body.get("variant")  # the A/B variant serving named, if any
+            self.producer.send(ev.impression(request.user_id, request_id, version, policy, items, variant=variant,
+                                             ts=request.ts))
             clicks = self.sim.respond(request, slate)
             for click in clicks:
                 self.producer.send(ev.click(request.user_id, request_id, click.item_id,

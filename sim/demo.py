@@ -5,7 +5,10 @@ process with its log in the run folder, the stream worker, the learner and servi
 users (``sim.simulator``) ask serving for slates over HTTP, look at them with position bias,
 click, and log impressions and clicks through the producer SDK (``sim.closed_loop``), through
 four phases: warm-up, steady state, a click-flood bot attack, a preference shift. A line per step
-shows events/s, click-through rate, served RMSE, anomalies, drift and the model version. At the
+shows events/s, click-through rate, served RMSE, anomalies, drift and the model version. The
+steady phase is an A/B test: its requests go to a second serving replica that splits the users
+between the online model and a popularity control (``streamrec serve --variant``), and the
+report compares their CTR from the log, with the lift and its interval (``serving.ab_log``). At the
 end it writes ``report.md`` and plots to the run folder, prints what the stream logged, and stops
 everything it started (Ctrl-C included).
 """
@@ -23,12 +26,13 @@ from stream.tools import kafka_local
 from sim.closed_loop import ClosedLoop
 from stream.config import PROJECT_ROOT, SHARED_DATA
 from stream.topics import Topics
-from stream.log.table import EVENTS, EXAMPLES, ParquetLog
+from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.log.export import export_obp
 from stream.tools.scrape import scrape, total
 from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
 from sim.report import write_report
+from serving.ab_log import compare_variants, format_table, slates_from_log
 from sim.simulator import Schedule, Simulation
 from stream.topics import ensure_topics
 
@@ -44,6 +48,10 @@ BROKEN_MESSAGES = [
                 "request_id": "r", "model_version": "m", "policy": "greedy",
                 "items": [{"item_id": "a", "position": 1, "propensity": 0}]}).encode(),
 ]
+
+
+# The steady phase's A/B test (docs/ab.md): the online model against a popularity control, users split 1:1.
+AB_VARIANTS = ("model=live/epsilon_greedy:1", "control=popularity/epsilon_greedy:1")
 
 
 def _labelled(samples: dict, name: str, label: str) -> dict[str, float]:
@@ -100,7 +108,7 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
             bootstrap = broker.bootstrap_servers
         topics = Topics(f"demo{time.strftime('%Y%m%d%H%M%S')}.")
         ensure_topics(bootstrap, 4, topics)
-        ports = {name: kafka_local.free_port() for name in ("worker", "learner", "serving")}
+        ports = {name: kafka_local.free_port() for name in ("worker", "learner", "serving", "ab")}
         common = ["--bootstrap-servers", bootstrap, "--topic-prefix", topics.prefix]
         procs = {
             "worker": spawn(run, "worker", "worker", *common, "--log-dir", str(run / "log"),
@@ -109,13 +117,19 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
                               "--checkpoint-dir", str(run / "checkpoints"), "--web-port", str(ports["learner"]),
                               "--n-factors", "16", "--publish-interval-s", "1", "--snapshot-interval-s", "20"),
             "serving": spawn(run, "serving", "serve", *common, "--store-dir", str(run / "models"),
-                              "--port", str(ports["serving"]), "--kind", "click", "--seed", "0"),
+                              "--port", str(ports["serving"]), "--kind", "click", "--seed", "0",
+                              "--attribution-window-s", "120"),
+            "ab": spawn(run, "ab", "serve", *common, "--store-dir", str(run / "models"), "--port", str(ports["ab"]),
+                        "--kind", "click", "--seed", "1", "--attribution-window-s", "120",
+                        *(f"--variant={variant}" for variant in AB_VARIANTS)),
         }
         for proc in procs.values():
             stack.callback(stop, proc)
-        print(f"Kafka {bootstrap}; worker, learner and serving started (logs in {run})", flush=True)
-        serve_url = f"http://127.0.0.1:{ports['serving']}"
-        _wait_ready(f"{serve_url}/healthz", procs, 120)
+        print(f"Kafka {bootstrap}; worker, learner, serving and the A/B serving replica started (logs in {run})",
+              flush=True)
+        serve_url, ab_url = (f"http://127.0.0.1:{ports[name]}" for name in ("serving", "ab"))
+        for url in (serve_url, ab_url):
+            _wait_ready(f"{url}/healthz", procs, 120)
 
         schedule = Schedule(warmup=4, steady=10, attack=4, shift=8) if quick else Schedule(6, 30, 8, 20)
         sim = Simulation.planted(n_users=200 if quick else 600, n_items=100 if quick else 300, seed=seed,
@@ -131,6 +145,7 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
                   f"{'RMSE':>6} {'base':>6} {'calib':>5} {'anomalies':>9} {'alarms':<18} model", flush=True)
             for step in range(schedule.n_steps):
                 started = time.monotonic()
+                loop.serve_url = ab_url if sim.phase(step) == "steady" else serve_url  # the A/B test
                 stats = loop.run_step(step)
                 time.sleep(0.5 if quick else 1.0)  # let the learner publish and serving apply it
                 rows.append(_observe(step, stats, ports, time.monotonic() - started, rows))
@@ -142,10 +157,14 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
         samples = {name: scrape(f"http://127.0.0.1:{port}/metrics") for name, port in ports.items()}
         bias = _bias_comparison(quick)
         summary = _summary(rows, samples, bias)
+        ab = summary["ab"] = _ab_comparison(run, samples["ab"])
         checks = summary["checks"] = quality_checks(rows, schedule)
+        checks.update(ab_checks(ab))
         report = write_report(run, rows, summary, bias)
         (run / "summary.json").write_text(json.dumps({"summary": summary, "checks": checks, "seed": seed,
                                                       "steps": rows, "bias": bias}, indent=1, default=str))
+        if "error" not in ab:
+            print(format_table(ab), flush=True)
         print("checks:", json.dumps(checks), flush=True)
         _print_log_summary(run, samples["worker"])
         print(f"\nreport: {report} (plots ctr.png, rmse.png, drift.png, anomalies.png beside it)", flush=True)
@@ -179,6 +198,7 @@ def _observe(step: int, stats, ports: dict[str, int], seconds: float, rows: list
         "served_rmse": _labelled(serving, "streamrec_served_rmse", "kind").get("click", float("nan")),
         "prequential_rmse": _labelled(learner, "streamrec_prequential_rmse", "kind").get("click", float("nan")),
         "psi": {k: v for k, v in _labelled(serving, "streamrec_drift_psi", "signal").items() if v == v},
+        "concept_drift": _labelled(serving, "streamrec_concept_drift_statistic", "signal"),
         "model_version": versions[0] if versions else "none",
     }
 
@@ -221,6 +241,28 @@ def quality_checks(rows: list[dict], schedule: Schedule) -> dict:
     }
 
 
+def _ab_comparison(run: Path, ab_samples: dict) -> dict:
+    """The steady phase's A/B test from the log (``serving.ab_log``), with the requests the A/B
+    replica answered per variant; ``{"error": ...}`` when there is nothing to compare."""
+    slates, _ = slates_from_log(run / "log", attribution_window_s=120)
+    try:
+        result = compare_variants(slates, "control") if not slates.empty else {
+            "error": "no logged impression names a variant"}
+    except ValueError as err:  # a variant with no slate
+        result = {"error": str(err)}
+    result["requests"] = _labelled(ab_samples, "streamrec_variant_requests_total", "variant")
+    return result
+
+
+def ab_checks(ab: dict) -> dict:
+    """``summary.json`` ``checks`` of the A/B test: the model's relative CTR lift over the popularity
+    control and its 95% interval (a pair), None without a comparison."""
+    comparison = next(iter(ab.get("comparisons", [])), None)
+    if comparison is None or comparison["lift"] is None:
+        return {"ab_lift": None, "ab_lift_ci": None}
+    return {"ab_lift": comparison["lift"], "ab_lift_ci": comparison["lift_ci"]}
+
+
 def _bias_comparison(quick: bool) -> dict | None:
     """``sim.bias`` (the experiment of ``bench.bias``) in one seed: raw clicks vs IPS, same simulation (skipped if it fails)."""
     from sim.bias import BiasConfig, obd_position_curves, run, summarize
@@ -254,7 +296,7 @@ def _summary(rows: list[dict], samples: dict, bias: dict | None) -> dict:
 
 
 def _print_log_summary(run: Path, worker: dict) -> None:
-    event_log = ParquetLog(run / "log")
+    event_log = DeltaLog(run / "log")
     obp_csv = run / "obp_export.csv"
     rows = export_obp(run / "log", obp_csv)
     print("\n== what the stream logged ==")
@@ -264,6 +306,6 @@ def _print_log_summary(run: Path, worker: dict) -> None:
     print("examples:        ", {f"{dict(l).get('kind')}/{dict(l).get('label')}": v for (n, l), v in worker.items()
                                 if n == "streamrec_examples_total"})
     print("unjoined clicks: ", _labelled(worker, "streamrec_unjoined_clicks_total", "reason"))
-    print(f"Parquet log:      {run / 'log'} ({len(event_log.files(EVENTS))} event files, "
-          f"{len(event_log.files(EXAMPLES))} example files)")
+    print(f"Delta log:        {run / 'log'} ({event_log.data_files(EVENTS)} event files, "
+          f"{event_log.data_files(EXAMPLES)} example files)")
     print(f"OBP export:       {obp_csv} ({rows} logged impressions with position, click, propensity)")

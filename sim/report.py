@@ -3,7 +3,9 @@
 Plots: click-through rate beside the oracle's and a popularity policy's on the same requests; the
 served model's click quality beside its running-CTR baseline; drift PSI with the preference shift
 and every step with a drift alarm marked; anomalies with the attack window marked. The
-display-bias comparison (``sim.bias``) is a table.
+display-bias comparison (``sim.bias``) and the steady phase's A/B test (``summary["ab"]``, from
+``serving.ab_log``: CTR per variant, the model's lift over the popularity control, intervals
+clustered by user) are tables.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from serving.ab_log import format_table  # noqa: E402
 
 
 def _phase_spans(ax, phases: list[str], highlight: dict[str, str]) -> None:
@@ -40,6 +44,24 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], p
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _ab_lines(ab: dict | None) -> list[str]:
+    """The A/B section: the comparison's table and the lift with its interval (or why there is none)."""
+    if not ab:
+        return []
+    lines = ["## A/B test in the steady phase: the online model against a popularity control", ""]
+    if "error" in ab:
+        return lines + [f"No comparison: {ab['error']}", ""]
+    lines += ["Users split 1:1 by a keyed hash of `user_id` (`streamrec serve --variant`); CTR per shown item "
+              "from the log, clicks joined by `request_id`; 95% intervals clustered by user (docs/ab.md).", "",
+              f"```\n{format_table(ab)}\n```", ""]
+    for c in ab["comparisons"]:
+        lift, (lo, hi) = c["lift"], c["lift_ci"]
+        if lift is not None and lo is not None:
+            lines += [f"Lift of `{c['variant']}` over `{c['control']}`: **{lift * 100:+.1f}%** "
+                      f"(95% CI {lo * 100:+.1f}% to {hi * 100:+.1f}%).", ""]
+    return lines
 
 
 def write_report(run: Path, rows: list[dict], summary: dict, bias: dict | None) -> Path:
@@ -70,6 +92,7 @@ def write_report(run: Path, rows: list[dict], summary: dict, bias: dict | None) 
         *(f"| {k} | {v if not isinstance(v, float) else round(v, 4)} |" for k, v in summary.get("checks", {}).items()), "",
         "![CTR](ctr.png)", "", "![RMSE](rmse.png)", "", "![drift](drift.png)", "", "![anomalies](anomalies.png)", "",
     ]
+    lines += _ab_lines(summary.get("ab"))
     if bias:
         lines += ["## Display bias: raw clicks vs inverse-propensity correction (`bench.bias`)", "",
                   "| figure | value |", "|---|---|",

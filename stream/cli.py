@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 
 from learner.cli import add_parser as add_learner_parser
+from serving.ab_cli import add_parser as add_ab_parser
 from serving.cli import add_parser as add_serve_parser
+from serving.ope.cli import add_parser as add_evaluate_parser
 from sim.cli import add_parsers as add_sim_parsers
-from stream.config import StreamSettings
+from stream.config import StreamSettings, log_location
+from stream.log.cli import add_parser as add_log_parser
 from stream.tools.command import add_kafka_flags, resolve_bootstrap, setup_logging
 
 
@@ -49,13 +52,14 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
     settings.topic_prefix = args.topic_prefix
     for name in ("partitions", "batch_size", "batch_timeout_s", "log_flush_rows", "log_flush_interval_s",
                  "dedupe_window_s", "attribution_window_s", "idle_grace_s", "max_future_s",
-                 "detector_checkpoint_interval_s", "worker_id",
+                 "detector_checkpoint_interval_s", "worker_id", "log_compact_interval_s",
+                 "log_compact_min_files", "log_compact_min_age_s",
                  "web_port", "web_host"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
     if getattr(args, "log_dir", None):
-        settings.log_dir = Path(args.log_dir)
+        settings.log_dir = log_location(args.log_dir)
     return settings
 
 
@@ -78,8 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stream.log.export import export_obp
 
     settings = StreamSettings()
-    log_dir = Path(args.log_dir) if args.log_dir else settings.log_dir
-    rows = export_obp(log_dir, Path(args.out), policy=args.policy)
+    log_dir = log_location(args.log_dir) if args.log_dir else settings.log_dir
+    rows = export_obp(log_dir, Path(args.out), policy=args.policy, storage_options=settings.log_storage_options)
     print(f"wrote {rows} logged impressions in the Open Bandit Pipeline layout to {args.out}")
     return 0
 
@@ -105,13 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_kafka_flags(p)
     defaults = StreamSettings()
     p.add_argument("--partitions", type=int, default=None, help=f"partitions of the topics it creates (default {defaults.partitions})")
-    p.add_argument("--log-dir", default=None, help=f"Parquet log root (default {defaults.log_dir})")
+    p.add_argument("--log-dir", default=None,
+                   help=f"Delta log root: a folder, or s3://bucket/prefix for workers on several hosts with "
+                        f"$STREAMREC_LOG_STORAGE_OPTIONS (default {defaults.log_dir})")
     p.add_argument("--batch-size", type=int, default=None, help=f"events per processing batch (default {defaults.batch_size})")
     p.add_argument("--batch-timeout-s", type=float, default=None, help=f"seconds before a partial batch is processed (default {defaults.batch_timeout_s})")
     p.add_argument("--log-flush-rows", type=int, default=None,
                    help=f"write the log (and commit offsets) once this many rows wait (default {defaults.log_flush_rows})")
     p.add_argument("--log-flush-interval-s", type=float, default=None,
                    help=f"... or once the oldest waiting row is this old (default {defaults.log_flush_interval_s:g})")
+    p.add_argument("--log-compact-interval-s", type=float, default=None,
+                   help=f"compact the log's closed hours this often, 0 never (default {defaults.log_compact_interval_s:g})")
+    p.add_argument("--log-compact-min-files", type=int, default=None,
+                   help=f"... an hour holding at least this many small files (default {defaults.log_compact_min_files})")
+    p.add_argument("--log-compact-min-age-s", type=float, default=None,
+                   help=f"... that closed at least this long ago (default {defaults.log_compact_min_age_s:g})")
     p.add_argument("--dedupe-window-s", type=float, default=None, help=f"event-time window of event_id dedupe (default {defaults.dedupe_window_s:.0f})")
     p.add_argument("--attribution-window-s", type=float, default=None, help=f"click attribution window (default {defaults.attribution_window_s:.0f})")
     p.add_argument("--idle-grace-s", type=float, default=None,
@@ -134,13 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_learner_parser(sub)
     add_serve_parser(sub)
+    add_evaluate_parser(sub)
+    add_ab_parser(sub)
     add_sim_parsers(sub)
     p = sub.add_parser("export", help="export the logged impressions for off-policy evaluation")
     p.add_argument("format", choices=["obp"], help="obp: the Open Bandit Pipeline's CSV layout")
-    p.add_argument("--log-dir", default=None, help="Parquet log root (default: the worker's)")
+    p.add_argument("--log-dir", default=None, help="Delta log root, a folder or an s3:// URL (default: the worker's)")
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--policy", default=None, help="only impressions logged by this policy")
     p.set_defaults(func=cmd_export)
+    add_log_parser(sub)
 
     return parser
 

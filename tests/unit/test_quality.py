@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from serving.concept_drift import PageHinkley
+from serving.monitor import CONCEPT_DRIFT
+from stream.examples import CLICK, RATING
 from learner.quality import ClickQuality, RatingQuality, auc, log_loss
 
 
@@ -60,23 +62,24 @@ def test_rating_baseline_is_the_running_mean():
     assert q.rmse() == pytest.approx(math.sqrt((1 + 0 + 4) / 3))
 
 
-def test_page_hinkley_stays_quiet_on_a_steady_click_stream_and_alarms_on_degradation():
-    rng = np.random.default_rng(3)
+def test_page_hinkley_on_the_click_calibration_error_is_quiet_when_steady_and_alarms_both_ways():
+    # the monitor's click test (serving.monitor.CONCEPT_DRIFT): p - y of a model predicting 0.15
     p = 0.15
     quiet = 0
     for seed in range(10):
         labels = np.random.default_rng(seed).random(20000) < p
-        quiet += not PageHinkley().update_many(np.where(labels, -math.log(p), -math.log(1 - p)))
+        quiet += not PageHinkley(**CONCEPT_DRIFT[CLICK]).update_many(p - labels)
     assert quiet == 10
-    ph = PageHinkley()
-    labels = rng.random(5000) < p
-    assert not ph.update_many(np.where(labels, -math.log(p), -math.log(1 - p)))
-    worse = rng.random(2000) < 0.4  # the world moved: the model still predicts 0.15
-    losses = np.where(worse, -math.log(p), -math.log(1 - p))
-    at = next((i for i, x in enumerate(losses) if ph.update(x)), None)
-    assert at is not None and ph.alarm and ph.alarms == 1
-    ph.update_many(np.full(ph.hold, 0.1))
+    rng = np.random.default_rng(3)
+    for moved_to in (0.05, 0.4):  # the world moved, the model still predicts 0.15
+        ph = PageHinkley(**CONCEPT_DRIFT[CLICK])
+        assert not ph.update_many(p - (rng.random(5000) < p))
+        errors = p - (rng.random(2000) < moved_to)
+        at = next((i for i, x in enumerate(errors) if ph.update(x)), None)
+        assert at is not None and ph.alarm and ph.alarms == 1, moved_to
+    ph.update_many(np.zeros(ph.hold))
     assert not ph.alarm  # the gauge comes down after `hold` quiet outcomes
+    assert not PageHinkley(**CONCEPT_DRIFT[RATING]).two_sided  # ratings: a rise of the excess loss only
 
 
 def test_page_hinkley_checks_its_parameters():

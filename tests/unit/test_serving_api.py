@@ -46,9 +46,9 @@ def first_model(users, items, seq=1):
 
 
 @contextlib.asynccontextmanager
-async def replica(tmp_path, model: ServingModel | None = None, **overrides):
+async def replica(tmp_path, model: ServingModel | None = None, variants=None, **overrides):
     settings = ServeSettings(bootstrap_servers="unused:9092", store_dir=tmp_path, port=0, seed=1, **overrides)
-    app = ServingApp(settings)
+    app = ServingApp(settings, variants)
     await app.start(follow=False)
     if model is not None:
         app.live.swap(model)
