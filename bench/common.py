@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Self
 
+import numpy as np
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -57,3 +59,12 @@ class StolenCpu:
         end = self._counters()
         if self._start is not None and end is not None and end[0] > self._start[0]:
             self.share = round((end[1] - self._start[1]) / (end[0] - self._start[0]), 3)
+
+
+def median_ci(values: list[float], seed: int = 0) -> tuple[float, list[float]]:
+    """The median of ``values`` and a 95% bootstrap interval of it (2,000 resamples)."""
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(data, size=(2000, len(data))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return round(float(np.median(data)), 4), [round(float(low), 4), round(float(high), 4)]

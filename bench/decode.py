@@ -35,8 +35,7 @@ import msgspec
 import orjson
 from tqdm import tqdm
 
-from bench.common import StolenCpu, emit
-from bench.outcome_keys import median_ci
+from bench.common import StolenCpu, emit, median_ci
 from stream import events as ev
 from stream.events import DEFAULT_MAX_FUTURE_S, InvalidEvent, ValidationError
 from stream.events.codec import _decode_slow, _encode_strict

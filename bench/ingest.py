@@ -47,6 +47,7 @@ from tqdm import tqdm
 from bench.common import StolenCpu, emit
 from stream.events import impression
 from stream.examples import NEGATIVE, click_examples
+from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.topics import Topics
 from stream.tools.kafka_local import broker_for_run, free_port
 from stream.tools.scrape import Samples, scrape, total
@@ -215,11 +216,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def log_data_files(root: Path) -> int:
-    """Data files of the log after the run (Parquet files outside Delta's ``_delta_log``)."""
-    return sum(1 for path in root.rglob("*.parquet") if "_delta_log" not in path.parts)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         fanout = fanout_consume(bootstrap, topics.events, fanout_topics.examples, n)
         with StolenCpu() as stolen:
             pipeline, peak_rss, samples = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
-        files = log_data_files(Path(tmp) / "log")
+        log = DeltaLog(Path(tmp) / "log")
+        files = log.data_files(EVENTS) + log.data_files(EXAMPLES)
     result = {
         "events": n,
         "pipeline_events_per_s": round(pipeline, 1),

@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from bench.common import StolenCpu, emit
+from bench.common import StolenCpu, emit, median_ci
 from learner.outcomes import OutcomeWindow
 from learner.service import Learner
 from learner.settings import LearnerSettings
@@ -79,15 +79,6 @@ class _TimedLearner(Learner):
             return super()._first_sent(examples)
         finally:
             self.check_s += time.perf_counter() - started
-
-
-def median_ci(values: list[float], seed: int = 0) -> tuple[float, list[float]]:
-    """The median of ``values`` and a 95% bootstrap interval of it (2,000 resamples)."""
-    data = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(data, size=(2000, len(data))), axis=1)
-    low, high = np.percentile(medians, [2.5, 97.5])
-    return round(float(np.median(data)), 4), [round(float(low), 4), round(float(high), 4)]
 
 
 def learner_cost(n_slates: int, batch: int, root: Path) -> dict:

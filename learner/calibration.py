@@ -36,8 +36,9 @@ _MAX_NEWTON_STEPS = 8
 _MAX_HALVINGS = 30
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0)))
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow for large |x|."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=np.float64)))
 
 
 class PositionCalibration:
@@ -108,7 +109,7 @@ class PositionCalibration:
         if not current <= at_prior:  # the previous fit is worse than no fit at all here: start afresh
             theta, current = prior.copy(), at_prior
         for _ in range(_MAX_NEWTON_STEPS):
-            p = _sigmoid(theta[slots] + theta[k] * logits)
+            p = sigmoid(theta[slots] + theta[k] * logits)
             w = p * (1.0 - p)
             residual = p - labels
             gradient = np.append(np.bincount(slots, residual, k), residual @ logits) + self.l2 * (theta - prior)
@@ -144,4 +145,4 @@ def click_probability(intercepts: np.ndarray | list[float], slope: float, logits
     """$\\sigma(a_k + b\\, s)$ for logits ``s`` at 1-based ``positions`` (past the last intercept: the last)."""
     intercepts = np.asarray(intercepts, dtype=np.float64)
     slots = np.clip(np.asarray(positions, dtype=np.int64), 1, len(intercepts)) - 1
-    return _sigmoid(intercepts[slots] + float(slope) * np.asarray(logits, dtype=np.float64))
+    return sigmoid(intercepts[slots] + float(slope) * np.asarray(logits, dtype=np.float64))

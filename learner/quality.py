@@ -81,15 +81,12 @@ def _rmse(errors: np.ndarray) -> float:
     return math.sqrt(float(np.mean(np.square(errors)))) if len(errors) else float("nan")
 
 
-def log_losses(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Binary cross-entropy of each outcome in nats, probabilities clipped to [1e-6, 1 - 1e-6]."""
-    p = np.clip(p, _EPS, 1.0 - _EPS)
-    return -(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))
-
-
 def log_loss(p: np.ndarray, labels: np.ndarray) -> float:
-    """Mean of ``log_losses``; NaN when empty."""
-    return float(np.mean(log_losses(p, labels))) if len(p) else float("nan")
+    """Mean binary cross-entropy in nats, probabilities clipped to [1e-6, 1 - 1e-6]; NaN when empty."""
+    if not len(p):
+        return float("nan")
+    p = np.clip(p, _EPS, 1.0 - _EPS)
+    return float(np.mean(-(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))))
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -163,8 +160,12 @@ class ClickQuality(RatingQuality):
     def auc(self) -> float:
         return auc(self._window.column(0), self._window.column(2))
 
+    def ctr(self) -> float:
+        """Observed CTR of the window; NaN before any outcome."""
+        labels = self._window.column(2)
+        return float(labels.mean()) if len(labels) else float("nan")
+
     def calibration(self) -> float:
         """Mean predicted probability over observed CTR; NaN before the first click."""
-        labels = self._window.column(2)
-        observed = float(labels.mean()) if len(labels) else 0.0
+        observed = self.ctr()
         return float(self._window.column(0).mean()) / observed if observed > 0 else float("nan")

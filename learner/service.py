@@ -201,13 +201,13 @@ class Learner:
             ts = e.get("ts")
             if isinstance(ts, (int, float)) and (newest is None or ts > newest):
                 newest = ts
-        evicted = self.outcomes.evicted
+        evicted, duplicates = self.outcomes.evicted, self.outcomes.duplicates
         fresh = self.outcomes.fresh(keys, newest)
         OUTCOME_KEYS.set(len(self.outcomes))
         OUTCOME_KEYS_EVICTED.inc(self.outcomes.evicted - evicted)
+        DUPLICATES.inc(self.outcomes.duplicates - duplicates)
         if all(fresh):
             return examples
-        DUPLICATES.inc(len(fresh) - sum(fresh))
         dropped = {i for i, new in zip(keyed, fresh) if not new}
         return [e for i, e in enumerate(examples) if i not in dropped]
 

@@ -10,7 +10,6 @@ interval is ``streamrec ab`` (``serving.ab``), from the log.
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,12 +36,10 @@ class VariantQuality:
     def __init__(self, names: Sequence[str], metrics: ServingMetrics, window: int = 2000) -> None:
         self.metrics = metrics
         self.quality = {name: ClickQuality(window) for name in names}
-        self._labels: dict[str, deque[float]] = {name: deque(maxlen=window) for name in names}
 
     def ctr(self, name: str) -> float:
         """Observed CTR of ``name``'s last outcomes (NaN before any)."""
-        labels = self._labels[name]
-        return sum(labels) / len(labels) if labels else float("nan")
+        return self.quality[name].ctr()
 
     def add(self, variants: Sequence[str | None], predicted: np.ndarray, labels: np.ndarray) -> None:
         """Take in scored click outcomes: the variant each slate was served by (None outside a
@@ -55,7 +52,6 @@ class VariantQuality:
             if not n:
                 continue
             quality.add(predicted[mask], labels[mask])
-            self._labels[name].extend(labels[mask].tolist())
             m.variant_outcomes.labels(name).inc(n)
             m.variant_ctr.labels(name).set(self.ctr(name))
             m.variant_logloss.labels(name).set(quality.logloss())

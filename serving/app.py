@@ -25,7 +25,7 @@ import signal
 
 from aiohttp import web
 
-from learner.updates import read_snapshot
+from learner.updates import SnapshotError
 from serving.ab_monitor import VariantQuality
 from serving.api import build_app
 from serving.connections import ConnectionGate
@@ -38,7 +38,7 @@ from serving.recommend import Recommender
 from serving.scorer import BatchScorer
 from serving.seen import SeenItems
 from serving.settings import ServeSettings
-from serving.updates import ModelUpdater
+from serving.updates import ModelUpdater, load_snapshot
 from serving.model import ServingModel
 from serving.variants import Assignment, VariantError, snapshot_folder
 from stream.topics import Topics
@@ -127,15 +127,13 @@ class ServingApp:
 
     async def _load_pinned(self) -> None:
         """Load the store versions the variants pin (VariantError when one cannot be served)."""
-        loop = asyncio.get_running_loop()
         for variant in self.variants.variants if self.variants is not None else ():
             if not variant.pinned or variant.source in self.pinned:
                 continue
             folder = snapshot_folder(self.settings.store_dir, self.settings.model, variant.source)
             try:
-                model = await loop.run_in_executor(None, lambda: ServingModel.from_snapshot(read_snapshot(folder),
-                                                                                         self.index))
-            except ValueError as err:  # SnapshotError, or values that are not finite
+                model = await load_snapshot(folder, index=self.index)
+            except SnapshotError as err:
                 raise VariantError(f"--variant {variant.name}: snapshot {variant.source} cannot be served: {err}") \
                     from None
             self.pinned[variant.source] = model

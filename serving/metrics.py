@@ -56,8 +56,9 @@ class ServingMetrics:
         self.served_calibration = Gauge("streamrec_served_calibration", "Mean served click probability / observed "
                                         "CTR (sliding window; 1 is calibrated).", registry=r)
         self.drift_alarm = Gauge("streamrec_drift_alarm", "1 while a drift signal alarms: an exogenous signal's "
-                                 "PSI above its false-alarm threshold, or Page-Hinkley on the served loss "
-                                 "(loss_click, loss_rating).", ["signal"], registry=r)
+                                 "PSI above its false-alarm threshold, or Page-Hinkley on the served model's "
+                                 "errors (loss_click: calibration error p - y; loss_rating: squared error in "
+                                 "excess of the mean rating's).", ["signal"], registry=r)
         self.drift_threshold = Gauge("streamrec_drift_psi_threshold", "The PSI above which an exogenous signal "
                                      f"alarms (false-alarm probability {ALPHA:g} per comparison of independent draws).",
                                      ["signal"], registry=r)

@@ -31,16 +31,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from learner.calibration import click_probability
+from learner.calibration import click_probability, sigmoid
 from learner.updates import Calibration, Delta, ModelRows, Snapshot
 from serving.index import IndexSettings, ItemIndex
 from serving.table import USER_CHUNK_ROWS, RowTable
 from stream.examples import EXAMPLE_KINDS as KINDS
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow for large |x|."""
-    return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=np.float64)))
 
 
 def check_finite(rows: ModelRows, what: str) -> None:
@@ -178,25 +173,25 @@ class ServingModel:
             return sigmoid(logits)
         return np.clip(logits, *self.rating_range) if self.rating_range is not None else logits
 
-    def predict_rows(self, user_rows: np.ndarray, item_rows: np.ndarray, kind: str) -> np.ndarray:
-        """Scores of (user row, item row) pairs, -1 meaning unknown (float64)."""
+    def _logits(self, user_rows: np.ndarray, item_rows: np.ndarray, kind: str) -> np.ndarray:
+        """offset + user bias + item bias + dot product of (user row, item row) pairs, -1 meaning unknown."""
         k = self.n_factors
         u = self.users.get(user_rows)
         i = self.items.get(item_rows)
         dot = np.einsum("ij,ij->i", u[:, :k], i[:, :k], dtype=np.float64)
         col = k if kind == "rating" else k + 1
         offset = self.global_mean if kind == "rating" else self.click_intercept
-        return self.output(kind, offset + u[:, col] + i[:, col] + dot)
+        return offset + u[:, col] + i[:, col] + dot
+
+    def predict_rows(self, user_rows: np.ndarray, item_rows: np.ndarray, kind: str) -> np.ndarray:
+        """Scores of (user row, item row) pairs, -1 meaning unknown (float64)."""
+        return self.output(kind, self._logits(user_rows, item_rows, kind))
 
     def click_probability_at(self, user_rows: np.ndarray, item_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """P(click) of (user row, item row) pairs shown at 1-based ``positions``, with this version's
         calibration (none: the sigmoid of the click logit, whatever the position)."""
-        k = self.n_factors
-        u, i = self.users.get(user_rows), self.items.get(item_rows)
-        logits = self.click_intercept + u[:, k + 1] + i[:, k + 1] + np.einsum("ij,ij->i", u[:, :k], i[:, :k],
-                                                                              dtype=np.float64)
         intercepts, slope = self.click_calibration or ((0.0,), 1.0)
-        return click_probability(intercepts, slope, logits, positions)
+        return click_probability(intercepts, slope, self._logits(user_rows, item_rows, "click"), positions)
 
     def predict(self, user_id: str, item_ids: Sequence[str], kind: str) -> np.ndarray:
         """Scores of one user for ``item_ids``."""

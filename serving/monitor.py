@@ -101,7 +101,7 @@ class Monitor:
         drift_window: observations in each of the reference and current windows.
         shadow_window: recent outcomes kept for the shadow check.
         slate_hold_s: event-time seconds a click waits for its slate's negatives before it is scored
-            alone (``serving.slate_order``; the worker's attribution window plus a margin).
+            alone (``serving.slate_order``; twice the worker's attribution window).
         drift_every_s: least seconds between two drift computations.
         variants: per-variant click figures of an A/B test (``serving.ab_monitor``), if one runs.
         pinned: the pinned store versions A/B variants serve, by version (an outcome they served is
@@ -111,7 +111,7 @@ class Monitor:
     def __init__(self, live: LiveModel, metrics: ServingMetrics, seen: SeenItems, popularity: Popularity,
                  rmse_window: int = 2000, drift_window: int = 1000, shadow_window: int = 2000,
                  drift_every_s: float = 1.0, variants: VariantQuality | None = None,
-                 pinned: dict[str, ServingModel] | None = None, slate_hold_s: float = 1800.0 + 600.0) -> None:
+                 pinned: dict[str, ServingModel] | None = None, slate_hold_s: float = 2 * 1800.0) -> None:
         self.live = live
         self.slate_order: SlateOrder[tuple] = SlateOrder(slate_hold_s)
         self.variants = variants
@@ -147,7 +147,6 @@ class Monitor:
         Returns how many were scored for the served quality.
         """
         now = time.time()
-        arrivals = arrivals if arrivals is not None else [now] * len(examples)
         results: dict[str, int] = {}
         groups: dict[tuple[int, str], tuple[ServingModel, list[int]]] = {}
         scored: dict[str, list[tuple[str, str, float, int]]] = {kind: [] for kind in EXAMPLE_KINDS}
@@ -175,7 +174,7 @@ class Monitor:
             pending.append((request_id if isinstance(request_id, str) else None, label, ts,
                             (version, ts, kind, (user, item, label, position), example.get("variant"))))
         # a slate's outcomes together, each scored by the version found when its slate is complete
-        latest = max(arrivals, default=now)
+        latest = max(arrivals) if arrivals else now
         for version, ts, kind, outcome, variant in self.slate_order.add(pending):
             model, how = self._version_for(version, ts, latest)
             if model is None:

@@ -76,9 +76,9 @@ class SlateOrder(Generic[T]):
         and the oldest slates beyond ``max_held`` (slates are kept in the order they were first held)."""
         released: list[T] = []
         cutoff = self._newest_ts - self.hold_s
-        for request_id in list(self._held):
-            first_ts = self._held[request_id][0][0]
-            if first_ts >= cutoff and self._count <= self.max_held:
+        while self._held:  # the oldest slate first: stop at the first one that may stay
+            request_id = next(iter(self._held))
+            if self._held[request_id][0][0] >= cutoff and self._count <= self.max_held:
                 break
             released.extend(self._release(request_id))
         return released

@@ -108,7 +108,7 @@ class ModelUpdater:
         """Serve the newest snapshot that verifies; False when the store has none."""
         for folder in self._snapshot_folders():
             try:
-                candidate = await _load(folder, index=self.index)
+                candidate = await load_snapshot(folder, index=self.index)
             except SnapshotError as err:
                 self._refuse_snapshot(err, "; trying the next older one")
                 continue
@@ -229,7 +229,7 @@ class ModelUpdater:
             self._refuse_snapshot(SnapshotError(f"{path!r} is outside the model store", "announcement"))
             return
         try:
-            candidate = await _load(folder, announced, self.index)
+            candidate = await load_snapshot(folder, announced, self.index)
         except SnapshotError as err:
             self._refuse_snapshot(err)
             return
@@ -333,19 +333,22 @@ def _with_centroids(model: ServingModel, centroids: np.ndarray, settings: IndexS
     return replace(model, index=ItemIndex.from_centroids(model.items.matrix(), centroids, settings))
 
 
-async def _load(folder: Path, announced: dict | None = None, index: IndexSettings | None = None) -> ServingModel:
-    """Verify and load a snapshot off the event loop (and build its item index when ``index``
-    wants one); SnapshotError says why it cannot be served."""
-    def load() -> ServingModel:
-        snapshot = read_snapshot(folder)
-        if announced is not None and snapshot.manifest.get("files") != announced:
-            raise SnapshotError(f"{folder}: the files in the store are not the ones announced on the topic",
-                                "announcement")
-        try:
-            return ServingModel.from_snapshot(snapshot, index)
-        except ValueError as err:  # values that are not finite
-            raise SnapshotError(f"{folder}: {err}", "values") from None
-        except Exception as err:
-            raise SnapshotError(f"{folder}: building the model failed ({type(err).__name__}: {err})",
-                                "unexpected") from err
-    return await asyncio.get_running_loop().run_in_executor(None, load)
+def read_serving_model(folder: Path, announced: dict | None = None, index: IndexSettings | None = None) -> ServingModel:
+    """Verify and load a snapshot (and build its item index when ``index`` wants one);
+    SnapshotError says why it cannot be served."""
+    snapshot = read_snapshot(folder)
+    if announced is not None and snapshot.manifest.get("files") != announced:
+        raise SnapshotError(f"{folder}: the files in the store are not the ones announced on the topic",
+                            "announcement")
+    try:
+        return ServingModel.from_snapshot(snapshot, index)
+    except ValueError as err:  # values that are not finite
+        raise SnapshotError(f"{folder}: {err}", "values") from None
+    except Exception as err:
+        raise SnapshotError(f"{folder}: building the model failed ({type(err).__name__}: {err})",
+                            "unexpected") from err
+
+
+async def load_snapshot(folder: Path, announced: dict | None = None, index: IndexSettings | None = None) -> ServingModel:
+    """``read_serving_model`` off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, read_serving_model, folder, announced, index)

@@ -54,6 +54,10 @@ BROKEN_MESSAGES = [
 AB_VARIANTS = ("model=live/epsilon_greedy:1", "control=popularity/epsilon_greedy:1")
 
 
+# Event-time seconds a slate waits for its clicks, for the worker, serving and the A/B comparison
+# (two steps of the simulated schedule).
+ATTRIBUTION_WINDOW_S = 120.0
+
 def _labelled(samples: dict, name: str, label: str) -> dict[str, float]:
     return {dict(labels).get(label, ""): value for (sample, labels), value in samples.items() if sample == name}
 
@@ -112,15 +116,15 @@ def run_demo(quick: bool = False, bootstrap: str | None = None, run_dir: str | N
         common = ["--bootstrap-servers", bootstrap, "--topic-prefix", topics.prefix]
         procs = {
             "worker": spawn(run, "worker", "worker", *common, "--log-dir", str(run / "log"),
-                             "--web-port", str(ports["worker"]), "--attribution-window-s", "120"),
+                             "--web-port", str(ports["worker"]), "--attribution-window-s", str(ATTRIBUTION_WINDOW_S)),
             "learner": spawn(run, "learner", "learner", *common, "--store-dir", str(run / "models"),
                               "--checkpoint-dir", str(run / "checkpoints"), "--web-port", str(ports["learner"]),
                               "--n-factors", "16", "--publish-interval-s", "1", "--snapshot-interval-s", "20"),
             "serving": spawn(run, "serving", "serve", *common, "--store-dir", str(run / "models"),
                               "--port", str(ports["serving"]), "--kind", "click", "--seed", "0",
-                              "--attribution-window-s", "120"),
+                              "--attribution-window-s", str(ATTRIBUTION_WINDOW_S)),
             "ab": spawn(run, "ab", "serve", *common, "--store-dir", str(run / "models"), "--port", str(ports["ab"]),
-                        "--kind", "click", "--seed", "1", "--attribution-window-s", "120",
+                        "--kind", "click", "--seed", "1", "--attribution-window-s", str(ATTRIBUTION_WINDOW_S),
                         *(f"--variant={variant}" for variant in AB_VARIANTS)),
         }
         for proc in procs.values():
@@ -244,7 +248,7 @@ def quality_checks(rows: list[dict], schedule: Schedule) -> dict:
 def _ab_comparison(run: Path, ab_samples: dict) -> dict:
     """The steady phase's A/B test from the log (``serving.ab_log``), with the requests the A/B
     replica answered per variant; ``{"error": ...}`` when there is nothing to compare."""
-    slates, _ = slates_from_log(run / "log", attribution_window_s=120)
+    slates, _ = slates_from_log(run / "log", attribution_window_s=ATTRIBUTION_WINDOW_S)
     try:
         result = compare_variants(slates, "control") if not slates.empty else {
             "error": "no logged impression names a variant"}

@@ -18,7 +18,7 @@ from serving.ab_cli import add_parser as add_ab_parser
 from serving.cli import add_parser as add_serve_parser
 from serving.ope.cli import add_parser as add_evaluate_parser
 from sim.cli import add_parsers as add_sim_parsers
-from stream.config import StreamSettings, log_location
+from stream.config import StreamSettings
 from stream.log.cli import add_parser as add_log_parser
 from stream.tools.command import add_kafka_flags, resolve_bootstrap, setup_logging
 
@@ -58,8 +58,7 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
-    if getattr(args, "log_dir", None):
-        settings.log_dir = log_location(args.log_dir)
+    settings.log_dir = settings.log_root(getattr(args, "log_dir", None))
     return settings
 
 
@@ -82,8 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stream.log.export import export_obp
 
     settings = StreamSettings()
-    log_dir = log_location(args.log_dir) if args.log_dir else settings.log_dir
-    rows = export_obp(log_dir, Path(args.out), policy=args.policy, storage_options=settings.log_storage_options)
+    rows = export_obp(settings.log_root(args.log_dir), Path(args.out), policy=args.policy, storage_options=settings.log_storage_options)
     print(f"wrote {rows} logged impressions in the Open Bandit Pipeline layout to {args.out}")
     return 0
 

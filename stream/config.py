@@ -84,3 +84,7 @@ class StreamSettings:
     worker_id: str = field(default_factory=lambda: os.path.expandvars(env("WORKER_ID", "")))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("WORKER_WEB_PORT", 6066))
+
+    def log_root(self, given: str | None = None) -> Path | str:
+        """The log root a ``--log-dir`` flag names (``log_location``), else the configured one."""
+        return log_location(given) if given else self.log_dir

@@ -134,14 +134,14 @@ def _newest(frame, max_slates: int):
 
 def _snapshot(store: Path, model: str, version: str):
     """The verified snapshot as a ``ServingModel``; ValueError saying why it cannot be used."""
-    from learner.updates import SnapshotError, latest_snapshot, read_snapshot
-    from serving.model import ServingModel
+    from learner.updates import SnapshotError, latest_snapshot
+    from serving.updates import read_serving_model
 
     folder = latest_snapshot(store, model) if version == "latest" else Path(store) / model / version
     if folder is None or not folder.is_dir():
         raise ValueError(f"--version: no snapshot {version!r} of model {model!r} in {store}")
     try:
-        return ServingModel.from_snapshot(read_snapshot(folder))
+        return read_serving_model(folder)
     except (SnapshotError, ValueError) as err:
         raise ValueError(f"--version: snapshot {folder} cannot be used: {err}") from None
 

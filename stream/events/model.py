@@ -14,7 +14,6 @@ once (``gc=False``: no cycle-collector tracking for objects that never hold a cy
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -22,6 +21,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from stream.events.schema import (
     DEFAULT_MAX_FUTURE_S,
+    FLOAT_MAX,
     MAX_EVENT_BYTES,
     MAX_ID_CHARS,
     MAX_POSITION,
@@ -32,11 +32,10 @@ from stream.events.schema import (
     SCHEMA_VERSION,
 )
 
-_FLOAT_MAX = sys.float_info.max
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
 # The float range as bounds: msgspec then refuses NaN and the infinities too.
-Finite = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+Finite = Annotated[float, Meta(ge=-FLOAT_MAX, le=FLOAT_MAX)]
 Position = Annotated[int, Meta(ge=1, le=MAX_POSITION)]
 Propensity = Annotated[float, Meta(gt=0.0, le=1.0)]
 Timestamp = Annotated[float, Meta(

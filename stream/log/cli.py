@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from stream.config import StreamSettings, log_location
+from stream.config import StreamSettings
 from stream.log.maintenance import TARGET_BYTES, compact, vacuum
 from stream.log.table import DeltaLog
 
 
 def _log(args: argparse.Namespace) -> DeltaLog:
     settings = StreamSettings()
-    root = log_location(args.log_dir) if args.log_dir else settings.log_dir
     options = json.loads(args.storage_options) if args.storage_options else settings.log_storage_options
-    return DeltaLog(root, options)
+    return DeltaLog(settings.log_root(args.log_dir), options)
 
 
 def cmd_compact(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from deltalake.exceptions import CommitFailedError
 
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 TARGET_BYTES = 128 * 1024 * 1024  # the size compaction aims for, and under which a file counts as small
 DATASETS = (EVENTS, EXAMPLES)
@@ -76,7 +76,7 @@ def compact(log: DeltaLog, min_files: int = 10, min_age_s: float = 3600.0,
                     partition_filters=[("date", "=", date), ("hour", "=", hour)], target_size=target_bytes)
             except CommitFailedError as err:  # another worker compacted this hour first
                 report.conflicts += 1
-                log.info("compaction of %s date=%s hour=%s left to a concurrent writer: %s", dataset, date, hour, err)
+                logger.info("compaction of %s date=%s hour=%s left to a concurrent writer: %s", dataset, date, hour, err)
                 continue
             report.partitions += 1
             report.files_removed += int(metrics.get("numFilesRemoved", 0))

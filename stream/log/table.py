@@ -184,6 +184,12 @@ def with_partition_columns(table: pa.Table) -> pa.Table:
 _STATISTICS_COLUMNS = ("ts", "source_partition", "source_offset")
 
 
+def _recorded(table: DeltaTable | None, group: str, topic: str, partition: int) -> int | None:
+    """The last offset of ``partition`` that ``table`` records for ``group`` (None: none)."""
+    return None if table is None else table.transaction_version(transaction_app_id(group, topic, partition))
+
+
+@lru_cache(maxsize=None)
 def _writer_properties(dataset: str) -> WriterProperties:
     columns = {name: ColumnProperties(dictionary_enabled=True, statistics_enabled="NONE")
                for name in _DICTIONARY_COLUMNS[dataset]}
@@ -280,8 +286,7 @@ class DeltaLog:
 
     def _append(self, dataset: str, data: pa.Table, offsets: dict[tuple[str, int], int], group: str) -> int:
         table = self._newest(dataset)
-        recorded = {key: table.transaction_version(transaction_app_id(group, *key)) if table is not None else None
-                    for key in offsets}
+        recorded = {key: _recorded(table, group, *key) for key in offsets}
         if offsets and all(v is not None and v >= offsets[key] for key, v in recorded.items()):
             return 0
         if dataset == EVENTS and table is not None and data.num_rows:
@@ -307,8 +312,7 @@ class DeltaLog:
     def recorded_offsets(self, dataset: str, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
         """The last offset of each partition that ``dataset`` records for ``group`` (None: none)."""
         table = self.table(dataset)
-        return {p: table.transaction_version(transaction_app_id(group, topic, p)) if table is not None else None
-                for p in partitions}
+        return {p: _recorded(table, group, topic, p) for p in partitions}
 
     def resume_offsets(self, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
         """The offset to consume next for each partition: one past the last offset logged in both

@@ -66,6 +66,29 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0  # backoff of a failed log flush: doubles
 COMMIT_TIMEOUT_S = 10.0  # the longest a Kafka offset commit may take before it is left to the next flush
 
 
+
+async def _retry(operation: Callable[[], Awaitable[None]], retriable: tuple[type[BaseException], ...], errors,
+                 what: str, meanwhile: str, on_failure: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run ``operation`` until it succeeds, backing off from RETRY_FIRST_S to RETRY_MAX_S after
+    each failure of a ``retriable`` kind, counted in the counter ``errors`` and logged."""
+    delay, failures = RETRY_FIRST_S, 0
+    while True:
+        try:
+            await operation()
+        except retriable as err:
+            failures += 1
+            errors.inc()
+            log.warning("%s failed (%s: %s); retry %d in %.1f s, %s", what, type(err).__name__,
+                        " ".join(str(err).split())[:300], failures, delay, meanwhile)
+            if on_failure is not None:
+                await on_failure()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        if failures:
+            log.info("%s succeeded after %d failed attempts", what, failures)
+        return
+
 @dataclass
 class Worker:
     """The pieces of one worker process: settings, pipeline, log and the Faust app that drives them."""
@@ -97,22 +120,11 @@ class Worker:
         """Send a batch's output and wait until Kafka has acknowledged all of it, retrying with
         backoff while the cluster is unreachable (a broker restart, a leader election): the
         batch's state changes are made, so it must go out, at least once."""
-        delay, failures = RETRY_FIRST_S, 0
-        while True:
-            try:
-                await (await self.send(result))
-            except (KafkaError, OSError, asyncio.TimeoutError) as err:
-                failures += 1
-                metrics.SEND_ERRORS.inc()
-                log.warning("sending a batch's output failed (%s: %s); retry %d in %.1f s with a new producer",
-                            type(err).__name__, err, failures, delay)
-                await self.sender.reset()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            if failures:
-                log.info("a batch's output was sent after %d failed attempts", failures)
-            return
+        async def send_and_wait() -> None:
+            await (await self.send(result))
+
+        await _retry(send_and_wait, (KafkaError, OSError, asyncio.TimeoutError), metrics.SEND_ERRORS,
+                     "sending a batch's output", "with a new producer", on_failure=self.sender.reset)
 
     async def publish(self, result: BatchResult) -> None:
         """Send a result that covers no offsets (the idle timer's) and buffer its log rows."""
@@ -136,23 +148,16 @@ class Worker:
             await self.compact_if_due()
 
     async def _write_durably(self, pending: Pending) -> None:
-        loop, delay, failures = asyncio.get_running_loop(), RETRY_FIRST_S, 0
-        while True:
+        loop = asyncio.get_running_loop()
+
+        async def write() -> None:
             started = time.perf_counter()
-            try:
-                await loop.run_in_executor(None, self._write, pending)
-            except Exception as err:  # noqa: BLE001 (any storage failure: the same rows are retried)
-                failures += 1
-                metrics.LOG_WRITE_ERRORS.inc()
-                log.warning("log flush of %d rows failed (%s: %s); retry %d in %.1f s, offsets stay uncommitted",
-                            pending.rows, type(err).__name__, " ".join(str(err).split())[:300], failures, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
+            await loop.run_in_executor(None, self._write, pending)
             metrics.LOG_COMMIT_SECONDS.observe(time.perf_counter() - started)
-            if failures:
-                log.info("log flush of %d rows written after %d failed attempts", pending.rows, failures)
-            return
+
+        # any storage failure: the same rows are retried
+        await _retry(write, (Exception,), metrics.LOG_WRITE_ERRORS, f"log flush of {pending.rows} rows",
+                     "offsets stay uncommitted")
 
     def _write(self, pending: Pending) -> None:
         """Events first, then examples: after a crash between the two, ``examples`` records the
@@ -325,7 +330,7 @@ class IngestService(Service):
                 # retention) the consumer resets to the earliest one (auto_offset_reset).
                 self._consumer.seek(tp, resume[tp.partition] or 0)
 
-    async def _write_all(self) -> None:
+    async def _write_all(self, final: bool = False) -> None:
         """Settle the batch in flight, wait for the flush in flight, and flush what is buffered."""
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
@@ -333,7 +338,7 @@ class IngestService(Service):
         if self._flushing is not None:
             flushing, self._flushing = self._flushing, None
             await flushing
-        await self.worker.flush(self.worker.buffer.take(), self._consumer.commit)
+        await self.worker.flush(self.worker.buffer.take(), self._consumer.commit, final=final)
 
     @Service.task
     async def _consume(self) -> None:
@@ -370,12 +375,7 @@ class IngestService(Service):
                 await self._step(fetched)
         # A clean stop writes what was accepted; a crash or a cancellation replays it instead.
         async with worker.lock:
-            if self._in_flight is not None:
-                in_flight, self._in_flight = self._in_flight, None
-                await self._settle(*in_flight)
-            if self._flushing is not None:
-                await self._flushing
-            await worker.flush(worker.buffer.take(), consumer.commit, final=True)
+            await self._write_all(final=True)
 
     async def _step(self, fetched: dict) -> None:
         worker = self.worker
@@ -470,8 +470,8 @@ def run_worker(settings: StreamSettings, detector: AnomalyDetector | None = None
     from stream.topics import ensure_topics
 
     ensure_topics(settings.bootstrap_servers, settings.partitions, Topics(settings.topic_prefix))
-    if "://" not in str(settings.log_dir):
-        Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
+    if isinstance(settings.log_dir, Path):  # config.log_location: a local root (a URL stays a string)
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
     worker = create_worker(settings, detector)
     # The ingest allocates about a million short-lived objects per batch (dictionaries of events
     # and examples), freed by reference counting, while the dedupe window, the open slates and

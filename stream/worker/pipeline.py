@@ -177,6 +177,7 @@ class IngestPipeline:
         for record in records:
             if record.partition != current:
                 current, state = record.partition, self.partition(record.partition)
+                joiner = state.joiner
             state.next_offset = record.offset + 1
             try:
                 event = decode(record.value, now=now, max_future_s=max_future_s)
@@ -190,9 +191,8 @@ class IngestPipeline:
                 continue
             if ts > newest.get(current, float("-inf")):
                 newest[current] = ts
-            joiner = state.joiner
             accepted.append(event)
-            partitions.append(record.partition)
+            partitions.append(current)
             offsets.append(record.offset)
             kind = event["type"]
             types[kind] += 1

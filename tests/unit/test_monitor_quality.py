@@ -14,12 +14,13 @@ N_USERS, N_ITEMS = 2000, 200
 EXAMINATION = np.log([1.0, 0.5, 0.33, 0.25, 0.2])  # roughly logit intercepts of examination 1/k
 
 
-def served_model(calibration):
-    rng = np.random.default_rng(0)
+def served_model(calibration, click_bias=None, seq=1):
+    """Version mf-<seq>: item click biases ``click_bias`` (default: drawn once, seed 0), no factors."""
+    if click_bias is None:
+        click_bias = np.random.default_rng(0).normal(-1.0, 1.0, N_ITEMS)
     users = ModelRows([f"u{j}" for j in range(N_USERS)], np.zeros((N_USERS, 1)), np.zeros(N_USERS), np.zeros(N_USERS))
-    items = ModelRows([f"i{j}" for j in range(N_ITEMS)], np.zeros((N_ITEMS, 1)), np.zeros(N_ITEMS),
-                      rng.normal(-1.0, 1.0, N_ITEMS))
-    delta = Delta("mf", 1, "mf-1", 3.0, 0.0, users, items, 0.0, None, None, calibration)
+    items = ModelRows([f"i{j}" for j in range(N_ITEMS)], np.zeros((N_ITEMS, 1)), np.zeros(N_ITEMS), click_bias)
+    delta = Delta("mf", seq, f"mf-{seq}", 3.0, 0.0, users, items, 0.0, None, None, calibration)
     return ServingModel.empty("mf", 1).apply([delta])
 
 
@@ -141,13 +142,6 @@ def test_the_concept_drift_alarm_rises_when_the_served_loss_degrades():
     assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 1, (quiet, statistics)
 
 
-def served_model_with(click_bias):
-    items = ModelRows([f"i{j}" for j in range(N_ITEMS)], np.zeros((N_ITEMS, 1)), np.zeros(N_ITEMS), click_bias)
-    users = ModelRows([f"u{j}" for j in range(N_USERS)], np.zeros((N_USERS, 1)), np.zeros(N_USERS), np.zeros(N_USERS))
-    delta = Delta("mf", 2, "mf-2", 3.0, 0.0, users, items, 0.0, None, None, (tuple(EXAMINATION), 1.0))
-    return ServingModel.empty("mf", 1).apply([delta])
-
-
 def test_more_clicks_that_the_model_predicts_raise_no_concept_drift_alarm():
     # the click rate triples and the model knows it: its log loss rises with the baseline's, so
     # the raw loss climbs while the model is as good as before (a raw-loss test alarms here)
@@ -158,7 +152,7 @@ def test_more_clicks_that_the_model_predicts_raise_no_concept_drift_alarm():
     for _ in range(10):
         monitor.observe(clicks(rng, 500, truth))
     raw_before = gauge(metrics, "streamrec_served_logloss")
-    monitor.live.swap(served_model_with(truth + 1.5))
+    monitor.live.swap(served_model((tuple(EXAMINATION), 1.0), click_bias=truth + 1.5, seq=2))
     for _ in range(20):
         monitor.observe([dict(c, model_version="mf-2") for c in clicks(rng, 500, truth + 1.5)])
         assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
