@@ -68,9 +68,10 @@ COMMIT_TIMEOUT_S = 10.0  # the longest a Kafka offset commit may take before it 
 
 
 async def _retry(operation: Callable[[], Awaitable[None]], retriable: tuple[type[BaseException], ...], errors,
-                 what: str, meanwhile: str, on_failure: Callable[[], Awaitable[None]] | None = None) -> None:
+                 what: str, meanwhile: str, done: str, on_failure: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run ``operation`` until it succeeds, backing off from RETRY_FIRST_S to RETRY_MAX_S after
-    each failure of a ``retriable`` kind, counted in the counter ``errors`` and logged."""
+    each failure of a ``retriable`` kind, counted in the counter ``errors`` and logged (``done``:
+    what the success after failures is logged as)."""
     delay, failures = RETRY_FIRST_S, 0
     while True:
         try:
@@ -86,7 +87,7 @@ async def _retry(operation: Callable[[], Awaitable[None]], retriable: tuple[type
             delay = min(delay * 2, RETRY_MAX_S)
             continue
         if failures:
-            log.info("%s succeeded after %d failed attempts", what, failures)
+            log.info("%s after %d failed attempts", done, failures)
         return
 
 @dataclass
@@ -124,7 +125,8 @@ class Worker:
             await (await self.send(result))
 
         await _retry(send_and_wait, (KafkaError, OSError, asyncio.TimeoutError), metrics.SEND_ERRORS,
-                     "sending a batch's output", "with a new producer", on_failure=self.sender.reset)
+                     "sending a batch's output", "with a new producer", "a batch's output was sent",
+                     on_failure=self.sender.reset)
 
     async def publish(self, result: BatchResult) -> None:
         """Send a result that covers no offsets (the idle timer's) and buffer its log rows."""
@@ -157,7 +159,7 @@ class Worker:
 
         # any storage failure: the same rows are retried
         await _retry(write, (Exception,), metrics.LOG_WRITE_ERRORS, f"log flush of {pending.rows} rows",
-                     "offsets stay uncommitted")
+                     "offsets stay uncommitted", f"log flush of {pending.rows} rows written")
 
     def _write(self, pending: Pending) -> None:
         """Events first, then examples: after a crash between the two, ``examples`` records the
