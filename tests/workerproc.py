@@ -108,7 +108,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -
     Every partition is assigned explicitly and read from its beginning: a group-less
     ``subscribe`` once read nothing for 90 s in CI from a topic that held the messages.
     """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     out: list[dict] = []
     deadline = time.monotonic() + timeout
     try:
@@ -119,8 +119,10 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -
         consumer.assign([TopicPartition(topic, p) for p in partitions or ()])
         consumer.seek_to_beginning()
         while len(out) < expected and time.monotonic() < deadline:
-            for message in consumer:
-                out.append(json.loads(message.value))
+            # poll, not the iterator: re-entering kafka-python's iterator after its idle timeout
+            # can hand out records it had yielded already (every dead letter read twice, once)
+            for records in consumer.poll(timeout_ms=1000).values():
+                out.extend(json.loads(record.value) for record in records)
     finally:
         consumer.close()
     return out
