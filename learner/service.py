@@ -55,8 +55,11 @@ from stream.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# Seconds without examples after which the learner asks whether some are waiting (``_stalled``).
-STALL_CHECK_S = 30.0
+# Seconds without examples between the learner's checks whether some are waiting (``_stalled``):
+# a backlog seen at two checks in a row, with nothing read between them, is a stall.
+STALL_CHECK_S = 15.0
+# Backoff while the broker cannot be reached: doubles from the first to the max.
+CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S = 0.5, 15.0
 
 
 class Checkpointer:
@@ -126,6 +129,7 @@ class Learner:
                      state.get("offsets"), len(self.outcomes))
         self.offsets: dict[int, int] = {int(p): o for p, o in state.get("offsets", {}).items()}
         self.seq: int = state.get("seq", 0)
+        self._backlog_at: dict[int, int] | None = None  # the offsets at which ``_stalled`` last saw a backlog
         self.max_event_ts: float | None = state.get("max_event_ts")
         self.quality = {CLICK: ClickQuality(settings.rmse_window), RATING: RatingQuality(settings.rmse_window)}
         self.calibration = PositionCalibration()
@@ -305,7 +309,7 @@ class Learner:
         s = self.settings
         producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5,
                                  max_request_size=8 * 1024 * 1024)
-        consumer, tps = self._consumer()
+        consumer, tps = self._connect()
         self._continue_after_restart()
         if s.web_port:
             start_http_server(s.web_port, addr=s.web_host)
@@ -321,7 +325,7 @@ class Learner:
                     last_stall_check = time.monotonic()
                     if self._stalled(consumer, tps):
                         consumer.close()
-                        consumer, tps = self._consumer()
+                        consumer, tps = self._connect()
                 polled = consumer.poll(timeout_ms=int(s.batch_timeout_s * 1000), max_records=s.batch_size)
                 examples = []
                 for tp, records in polled.items():
@@ -354,13 +358,35 @@ class Learner:
             consumer.close()
             producer.close()
 
+    def _connect(self) -> tuple[KafkaConsumer, list[TopicPartition]]:
+        """``_consumer()``, retried with backoff while the broker cannot be reached (a learner
+        started or reconnecting during an outage waits for the broker instead of exiting)."""
+        delay, failures = CONNECT_RETRY_FIRST_S, 0
+        while True:
+            try:
+                connected = self._consumer()
+            except KafkaError as err:
+                failures += 1
+                log.warning("cannot reach the broker for %s (%s: %s); retry %d in %.1f s", self.topics.examples,
+                            type(err).__name__, err, failures, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, CONNECT_RETRY_MAX_S)
+                continue
+            if failures:
+                log.info("connected to %s after %d failed attempts", self.topics.examples, failures)
+            return connected
+
     def _consumer(self) -> tuple[KafkaConsumer, list[TopicPartition]]:
         """A consumer assigned every partition of ``examples``, at the learner's next offsets."""
         s = self.settings
         consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, enable_auto_commit=False,
                                  group_id=None, max_poll_records=s.batch_size,
                                  fetch_max_bytes=16 * 1024 * 1024)
-        partitions = sorted(consumer.partitions_for_topic(self.topics.examples) or [])
+        try:
+            partitions = sorted(consumer.partitions_for_topic(self.topics.examples) or [])
+        except KafkaError:
+            consumer.close()
+            raise
         if not partitions:
             consumer.close()
             raise RuntimeError(f"topic {self.topics.examples} does not exist (start the worker or create topics)")
@@ -374,9 +400,10 @@ class Learner:
         return consumer, tps
 
     def _stalled(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> bool:
-        """True when ``examples`` holds records past the learner's offsets although polls return
-        nothing: after a broker outage the consumer can stay connected to nothing (seen with
-        kafka-python 3.0 after a 60 s outage), and only a new one reads again."""
+        """True when ``examples`` held records past the learner's offsets at the last check and
+        still does, with nothing read since: after a broker outage the consumer can stay connected
+        to nothing (seen with kafka-python 3.0 after a 60 s outage), and only a new one reads again.
+        One sighting is not enough: examples that have just arrived are waiting too."""
         try:
             ends = consumer.end_offsets(tps)
         except KafkaError as err:  # the broker is still away: nothing to decide yet
@@ -384,11 +411,14 @@ class Learner:
             return False
         behind = {tp.partition: end - self.offsets.get(tp.partition, 0) for tp, end in ends.items()
                   if end > self.offsets.get(tp.partition, 0)}
-        if behind:
-            log.warning("no examples for %.0f s although %d are waiting (%s); reconnecting the consumer",
-                        STALL_CHECK_S, sum(behind.values()), behind)
-            RECONNECTS.inc()
-        return bool(behind)
+        seen_before, self._backlog_at = self._backlog_at, (dict(self.offsets) if behind else None)
+        if not behind or seen_before != self.offsets:
+            return False
+        log.warning("no examples for %.0f s although %d are waiting (%s); reconnecting the consumer",
+                    2 * STALL_CHECK_S, sum(behind.values()), behind)
+        RECONNECTS.inc()
+        self._backlog_at = None
+        return True
 
 
 def run_learner(settings: LearnerSettings) -> None:

@@ -298,6 +298,15 @@ def _healthy(port: int) -> bool:
         return False
 
 
+def _metrics_up(port: int) -> bool:
+    """The learner serves its metrics once it is connected to ``examples``."""
+    try:
+        scrape(f"http://127.0.0.1:{port}/metrics")
+    except OSError:
+        return False
+    return True
+
+
 def _learner_read(port: int) -> float:
     """Examples the learner has read: trained, skipped as duplicates, or skipped for a reason."""
     try:
@@ -333,6 +342,7 @@ def test_a_broker_outage_of_60_s_is_waited_out(own_broker, unique_name, tmp_path
         worker.start()
         wait_for(lambda: log_caught_up(bootstrap, prefix, log), 180, "the first slates in the log", worker)
         wait_for(lambda: _healthy(serving_port), 120, "serving to answer")
+        wait_for(lambda: _metrics_up(learner_port), 120, "the learner to be connected")
         batch = traffic.impressions(1500, t=10)
         _send(bootstrap, topic, batch + traffic.clicks([e["request_id"] for e in batch]))
         stop_broker()  # mid-stream: the worker has just been handed the batch
