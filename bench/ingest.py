@@ -6,10 +6,11 @@ measures in the same run:
 - ``raw``: an aiokafka consumer that only fetches and decodes every message with ``orjson.loads``,
   the parser the pipeline's fast path uses (``raw_stdlib_json`` repeats it with ``json.loads``,
   the peer of earlier runs, for comparison);
-- ``fanout``: the same consumer, which also sends one message per example the pipeline makes of
-  the event (one per shown item of an impression, one per rating), built from a fixed example
-  and sent through the worker's own ``BatchSender`` with ``acks=all``. It is the Kafka traffic the
-  pipeline cannot avoid, without any of its logic: no validation, join, dedupe or log;
+- ``fanout``: the same consumer, which also sends one ``examples`` message per event (the
+  ``closed`` outcome of an impression, with an item per shown item; the ``clicked`` or ``rated``
+  outcome of a click or rating), built from fixed examples and sent through the worker's own
+  ``BatchSender`` with ``acks=all``. It is the Kafka traffic the pipeline cannot avoid, without
+  any of its logic: no validation, join, dedupe or log;
 - ``pipeline``: ``streamrec worker`` (Faust: validate, dedupe, Delta log, click join, sends to
   ``examples``), timed from its first accepted event to its N-th through its /metrics counter.
 
@@ -19,6 +20,9 @@ matters is ``ratio`` = pipeline / raw: the machine is shared and noisy, the rati
 through aiokafka from Python: what is left between the two is the pipeline's own work.
 ``cpu_stolen_share`` is the share of the machine's CPU time the hypervisor gave to other guests
 while the pipeline ran (``steal`` in /proc/stat), to say how noisy it was.
+``examples_messages_per_event`` counts the worker's messages on ``examples`` per event it read;
+``pipeline_events_per_s_per_core`` divides the events it processed by the CPU seconds its process
+used meanwhile (user + system), which the other processes on the machine affect less than wall time.
 
 The log's cost: ``log_commits`` flushes, each ``log_commit_ms_p50`` / ``log_commit_ms_p99`` of wall
 time (data files and commits of both tables, from the worker's ``streamrec_log_commit_seconds``
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,7 +51,7 @@ from tqdm import tqdm
 
 from bench.common import StolenCpu, emit
 from stream.events import impression
-from stream.examples import NEGATIVE, click_examples
+from stream.examples import CLICKED, CLOSED, click_example
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.topics import Topics
 from stream.tools.kafka_local import broker_for_run, free_port
@@ -55,7 +60,7 @@ from stream.worker.output import BatchSender
 from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
 from sim.sources import synthetic_events
-from stream.topics import ensure_topics
+from stream.topics import end_offsets, ensure_topics
 
 
 def produce(bootstrap: str, topic: str, n: int, seed: int) -> float:
@@ -100,10 +105,22 @@ def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], obj
     return asyncio.run(_raw_consume(bootstrap, topic, n, loads))
 
 
-# An example as the worker sends it (``stream.examples``), ids as long as the synthetic ones.
-_SHOWN = impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy",
-                    [{"item_id": "i00042", "position": 3, "propensity": 0.125}], ts=1.7e9, event_id="0" * 32)
-(_EXAMPLE,) = click_examples(_SHOWN, _SHOWN["items"], NEGATIVE, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+# The examples the worker sends (``stream.examples``: one message per outcome), ids as long as
+# the synthetic ones: a ``closed`` message with the items of a slate of each size, one item otherwise.
+def _slate(size: int) -> dict:
+    items = [{"item_id": f"i{k:05d}", "position": k + 1, "propensity": 0.125} for k in range(size)]
+    return impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy", items, ts=1.7e9, event_id="0" * 32)
+
+
+_ONE_ITEM = click_example(_slate(1), _slate(1)["items"], CLICKED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+_CLOSED: dict[int, dict] = {}
+
+
+def _closed(size: int) -> dict:
+    if size not in _CLOSED:
+        slate = _slate(size)
+        _CLOSED[size] = click_example(slate, slate["items"], CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+    return _CLOSED[size]
 
 
 async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
@@ -120,9 +137,9 @@ async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) ->
             messages = []
             for records in batches.values():
                 for record in records:
-                    event = orjson.loads(record.value)
-                    fanout = len(event["items"]) if event["type"] == "impression" else event["type"] == "rating"
-                    messages += [(out_topic, record.key, _EXAMPLE)] * fanout
+                    event = orjson.loads(record.value)  # an outcome per event: its slate closes, or it is one
+                    example = _closed(len(event["items"])) if event["type"] == "impression" else _ONE_ITEM
+                    messages.append((out_topic, record.key, example))
                 seen += len(records)
             sent = asyncio.ensure_future(await sender.enqueue(messages))
             if acknowledged is not None:
@@ -180,9 +197,9 @@ def histogram_quantile(samples: Samples, name: str, q: float) -> float | None:
 
 
 def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool,
-                     timeout_s: float) -> tuple[float, float, Samples]:
-    """Run ``streamrec worker`` over the topic; return (events per second, the worker's peak RSS in
-    MB, its metrics once its last flush is committed)."""
+                     timeout_s: float) -> tuple[float, float, float, Samples]:
+    """Run ``streamrec worker`` over the topic; return (events per second, events per CPU second
+    of the worker, its peak RSS in MB, its metrics once its last flush is committed)."""
     port = free_port()
     proc = spawn(workdir, "worker", "worker", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix,
                  "--log-dir", str(workdir / "log"), "--web-port", str(port), *(() if anomaly else ("--no-anomaly",)))
@@ -198,18 +215,25 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
             done = _events_seen(port)
             bar.update(done - bar.n)
             if done > 0 and first_t is None:
-                first_t, first_n = time.perf_counter(), done
+                first_t, first_n, first_cpu = time.perf_counter(), done, _cpu_seconds(proc.pid)
             time.sleep(0.05)
         bar.close()
         rate = (n - first_n) / (time.perf_counter() - first_t)
+        per_core = (n - first_n) / max(_cpu_seconds(proc.pid) - first_cpu, 1e-9)
         samples = _after_last_flush(port)
         peak_kb = 0
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peak_kb = int(line.split()[1])
-        return rate, peak_kb / 1024, samples
+        return rate, per_core, peak_kb / 1024, samples
     finally:
         stop(proc)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -238,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_topics(bootstrap, args.partitions, fanout_topics)
         fanout = fanout_consume(bootstrap, topics.events, fanout_topics.examples, n)
         with StolenCpu() as stolen:
-            pipeline, peak_rss, samples = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout)
+            pipeline, per_core, peak_rss, samples = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly,
+                                                                     args.timeout)
+        messages = sum(end_offsets(bootstrap, topics.examples).values())
         log = DeltaLog(Path(tmp) / "log")
         files = log.data_files(EVENTS) + log.data_files(EXAMPLES)
     result = {
@@ -247,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         "raw_events_per_s": round(raw, 1),
         "raw_stdlib_json_events_per_s": round(raw_stdlib, 1),
         "ratio": round(pipeline / raw, 3),
+        "pipeline_events_per_s_per_core": round(per_core, 1),
+        "examples_messages_per_event": round(messages / n, 3),
         "fanout_events_per_s": round(fanout, 1),
         "fanout_ratio": round(fanout / raw, 3),
         "peak_rss_mb": round(peak_rss, 1),

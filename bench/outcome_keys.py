@@ -4,21 +4,30 @@ A worker killed between sending a batch's examples and committing its offsets re
 it restarts. Two ways to keep the learner from training them twice (docs/learner.md, "Outcomes
 trained once"), each measured against its peer in the same run:
 
-1. keys in the learner: ``Learner.learn`` on click examples with its outcome window
-   (``learner.outcomes``) against the same learner with the check taken out, batch for batch on
-   the same stream, alternating which goes first; ``learner_time_ratio`` is keyed / plain per
+1. keys in the learner: ``Learner.learn`` on a stream of click outcome messages (the examples
+   contract's framing, one message per outcome: per ten-item slate a ``closed`` message of its
+   unclicked items and, for 10% of them, a ``clicked`` one) with its outcome window
+   (``learner.outcomes``: one key per message, ``stream.examples.outcome_key(kind, stage,
+   event_id)``) against the same learner with the check taken out, batch for batch on the same
+   stream, alternating which goes first. A batch is ``learner_batch`` messages (the learner's
+   default poll, ``LEARNER_BATCH_SIZE``), decoded from JSON as the learner decodes them
+   (``decode_examples``) before the clock starts; ``learner_time_ratio`` is keyed / plain per
    batch. Because two learners' times on a shared machine are noisy, also
-   ``key_share_of_learn``: inside the keyed learner, the time of the check over the time of the
+   ``key_share_of_learn``: inside the keyed learner, the time of the check (keying each message
+   from its header, asking the window, dropping the rows of re-sent ones) over the time of the
    whole ``learn`` call. Also the window's memory per remembered key (tracemalloc, numpy's
-   allocations included).
-2. transactions on the worker's output: an aiokafka producer sending batches of example-sized
-   messages in one transaction per batch, the batch's consumer offsets sent to the transaction as
-   the worker would, against the same producer (idempotent, acks=all) that sends a batch and
-   awaits its acknowledgements, as the worker does today; on the local broker (or
-   ``KAFKA_BOOTSTRAP_SERVERS``), alternating batch for batch. ``txn_throughput_ratio_<n>`` is
-   transactional / plain messages per second for batches of ``n`` messages.
+   allocations included), one key per message in batches of 1,024.
+2. transactions on the worker's output: an aiokafka producer sending batches of outcome messages
+   (each a ten-item slate's ``closed`` message, the commonest) in one transaction per batch, the
+   batch's consumer offsets sent to the transaction as the worker would, against the same
+   producer (idempotent, acks=all) that sends a batch and awaits its acknowledgements, as the
+   worker does today; on the local broker (or ``KAFKA_BOOTSTRAP_SERVERS``), alternating batch for
+   batch. ``txn_throughput_ratio_<n>`` is transactional / plain messages per second for batches
+   of ``n`` messages.
 
 Every ratio is the median over paired batches with a 95% bootstrap interval (``*_ci95``).
+``messages`` and ``example_rows`` are the size of the learner's stream, in messages and in
+labelled items.
 
     python -m bench.outcome_keys [--quick]
 """
@@ -33,39 +42,43 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow as pa
 from tqdm import tqdm
 
 from bench.common import StolenCpu, emit, median_ci
 from learner.outcomes import OutcomeWindow
 from learner.service import Learner
 from learner.settings import LearnerSettings
-from stream.examples import NEGATIVE, POSITIVE, click_examples, outcome_key
+from stream.examples import (CLICK, CLICKED, CLOSED, Example, ExampleBatch, click_example, count_rows,
+                             decode_examples, outcome_key)
 from stream.tools.kafka_local import broker_for_run
 
 NAME = "outcome_keys"
 
 
-def click_stream(n_slates: int, seed: int = 0) -> list[dict]:
-    """Ten-item slates over 5,000 users and 2,000 items, a click on 10% of them: one example per
-    shown item, every outcome distinct."""
+def click_stream(n_slates: int, seed: int = 0) -> list[Example]:
+    """Ten-item slates over 5,000 users and 2,000 items, a click on 10% of them: per slate a
+    ``clicked`` message of its clicked item, if any, and a ``closed`` message of the others;
+    every outcome distinct."""
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[Example] = []
     for n in range(n_slates):
         items = [{"item_id": f"i{i}", "position": p + 1, "propensity": 0.1}
                  for p, i in enumerate(rng.choice(2000, 10, replace=False))]
         slate = {"event_id": f"imp-{n}", "user_id": f"u{rng.integers(5000)}", "ts": 1.75e9 + n * 0.05,
                  "request_id": f"r{n}", "model_version": "m", "policy": "softmax", "items": items}
         clicked = items[:1] if rng.random() < 0.1 else []
-        out += click_examples(slate, clicked, POSITIVE, slate["ts"] + 1.0, f"clk-{n}", 50.0)
-        out += click_examples(slate, items[len(clicked):], NEGATIVE, slate["ts"], slate["event_id"], 50.0)
+        if clicked:
+            out.append(click_example(slate, clicked, CLICKED, slate["ts"] + 1.0, f"clk-{n}", 50.0))
+        out.append(click_example(slate, items[len(clicked):], CLOSED, slate["ts"], slate["event_id"], 50.0))
     return out
 
 
 class _PlainLearner(Learner):
     """The peer: the same learner with the outcome check taken out."""
 
-    def _first_sent(self, examples: list[dict]) -> list[dict]:
-        return examples
+    def _first_sent(self, batch: ExampleBatch) -> pa.Table:
+        return batch.rows
 
 
 class _TimedLearner(Learner):
@@ -73,40 +86,47 @@ class _TimedLearner(Learner):
 
     check_s = 0.0
 
-    def _first_sent(self, examples: list[dict]) -> list[dict]:
+    def _first_sent(self, batch: ExampleBatch) -> pa.Table:
         started = time.perf_counter()
         try:
-            return super()._first_sent(examples)
+            return super()._first_sent(batch)
         finally:
             self.check_s += time.perf_counter() - started
 
 
 def learner_cost(n_slates: int, batch: int, root: Path) -> dict:
-    examples = click_stream(n_slates)
+    messages = click_stream(n_slates)
     settings = dict(bootstrap_servers="unused:9092", n_factors=32, device="cpu", outcome_keys_max=10_000_000)
     keyed = _TimedLearner(LearnerSettings(checkpoint_dir=root / "a", store_dir=root / "sa", **settings))
     plain = _PlainLearner(LearnerSettings(checkpoint_dir=root / "b", store_dir=root / "sb", **settings))
     ratios, shares = [], []
-    batches = [examples[i:i + batch] for i in range(0, len(examples), batch)]
+    # as the learner receives them: JSON, decoded in columns (outside the timed calls, as in its loop)
+    batches = [decode_examples([orjson.dumps(m) for m in messages[i:i + batch]])
+               for i in range(0, len(messages), batch)]
     for k, part in enumerate(tqdm(batches, desc="learner batches", unit="batch")):
         order = (("keyed", keyed), ("plain", plain)) if k % 2 == 0 else (("plain", plain), ("keyed", keyed))
-        seconds = {}
+        seconds, trained = {}, {}
         check_before = keyed.check_s
         for name, learner in order:
             started = time.perf_counter()
-            learner.learn(part)
+            trained[name] = learner.learn(part)
             seconds[name] = time.perf_counter() - started
+        assert trained["keyed"] == trained["plain"] == part.rows.num_rows, "every outcome of the stream is distinct"
         ratios.append(seconds["keyed"] / seconds["plain"])
         shares.append((keyed.check_s - check_before) / seconds["keyed"])
-    assert len(keyed.outcomes) == len(examples), "every outcome of the stream is distinct"
+    assert len(keyed.outcomes) == len(messages), "one key per message"
     ratio, ratio_ci = median_ci(ratios)
     share, share_ci = median_ci(shares)
-    return {"examples": len(examples), "learner_batch": batch, "learner_time_ratio": ratio,
-            "learner_time_ratio_ci95": ratio_ci, "key_share_of_learn": share, "key_share_of_learn_ci95": share_ci}
+    return {"messages": len(messages), "example_rows": count_rows(messages), "learner_batch": batch,
+            "learner_time_ratio": ratio, "learner_time_ratio_ci95": ratio_ci, "key_share_of_learn": share,
+            "key_share_of_learn_ci95": share_ci}
 
 
 def bytes_per_key(n_keys: int, batch: int = 1024) -> float:
-    keys = [outcome_key("click", f"imp-{n // 10}", f"i{n % 10}") for n in range(n_keys)]
+    """Memory per key of a window of ``n_keys`` message keys, remembered ``batch`` a call (a micro-batch
+    of messages); one message in ten a slate's ``clicked``, the others ``closed`` (as ``click_stream``)."""
+    keys = [outcome_key(CLICK, CLICKED, f"clk-{n}") if n % 10 == 0 else outcome_key(CLICK, CLOSED, f"imp-{n}")
+            for n in range(n_keys)]
     window = OutcomeWindow(retention_s=1e9, max_keys=n_keys)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -166,7 +186,8 @@ def _create_topics(bootstrap: str, names: list[str]) -> None:
 
 
 def transaction_cost(bootstrap: str, batches: dict[int, int]) -> dict:
-    value = orjson.dumps(click_stream(1)[0])  # one example as the worker sends it
+    # one outcome message as the worker sends it: a ten-item slate's ``closed`` (the commonest, 9 in 10)
+    value = orjson.dumps(next(m for m in click_stream(10) if m["stage"] == CLOSED and len(m["items"]) == 10))
     out = {}
     for batch, n_batches in batches.items():
         ratio, ci = asyncio.run(_producer_rates(bootstrap, batch, n_batches, value))
@@ -179,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     args = parser.parse_args(argv)
-    slates, keys = (4_000, 200_000) if args.quick else (30_000, 1_000_000)
+    slates, keys = (20_000, 200_000) if args.quick else (150_000, 1_000_000)  # about 21 and 160 batches
     producer_batches = {500: 10, 5000: 6} if args.quick else {500: 60, 5000: 30}
     result: dict = {"quick": args.quick}
     with StolenCpu() as stolen:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 # DESIGN.md "Metrics", learner (contract), and SKIPPED: why an example was not trained on
-# (anomalous, unknown_kind, invalid, not_json)
+# (anomalous, unknown_kind, invalid; malformed counts messages that are not examples)
 EXAMPLES_SEEN = Counter("streamrec_learner_examples", "Examples the learner trained on.", ["kind"])
 SKIPPED = Counter("streamrec_learner_skipped", "Examples the learner did not train on, by reason.", ["reason"])
 RMSE = Gauge("streamrec_prequential_rmse", "RMSE of the learner's predictions made before training "

@@ -2,9 +2,9 @@
 
 The ``examples`` topic is at least once (README, "Delivery guarantees"): a worker killed after
 its batch's examples were acknowledged but before its offsets were, replays the batch when it
-restarts and sends the same outcomes again. The learner keys every outcome
-(``stream.examples.outcome_key``: kind, the event that settled the label, the item; the same in
-every framing of ``examples``) and skips a key it remembers. Why this and not Kafka transactions
+restarts and sends the same outcomes again. The learner keys every outcome message
+(``stream.examples.outcome_key``: kind, stage, the event that settled the labels) and skips the
+items of a key it remembers. Why this and not Kafka transactions
 on the worker's output, and what it costs: docs/learner.md, "Outcomes trained once".
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ class OutcomeWindow:
     behind live data is remembered as long as the rest. At most ``max_keys`` keys are kept: past
     that the oldest go first, counted in ``evicted`` (a re-send of one of them would be trained
     again). Keys are kept in arrival buckets, one per call of :meth:`fresh`, whose clock never
-    decreases, so forgetting pops whole buckets from the front. Memory: about 45 bytes a key.
+    decreases, so forgetting pops whole buckets from the front. Memory: about 45 bytes a key (one
+    key per outcome message, not per item).
 
     Parameters:
         retention_s: seconds of event time a key is remembered after it arrived (the learner's

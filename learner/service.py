@@ -2,7 +2,8 @@
 
 The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batch_timeout_s``):
 
-1. poll ``examples`` (``stream.examples.Example``); drop outcomes already trained, re-sent by a
+1. poll ``examples`` (``stream.examples.Example``, one message per outcome) and decode the batch in
+   columns, one row per labelled item (``decode_examples``); drop outcomes already trained, re-sent by a
    worker that replayed a batch after a crash (``learner.outcomes``, ``streamrec_learner_duplicates_total``),
    examples flagged ``anomalous`` (counted) and malformed ones (logged);
 2. predict-then-train per kind (``learn_batch`` returns the scores made before the update), which
@@ -12,7 +13,10 @@ The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batc
    ``PositionCalibration`` fitted (unweighted) on the same clicks, predict-then-train; its state
    goes out with every delta and snapshot and into the checkpoint (the fitted parameters are
    restored; its window of outcomes refills after a restart). Ranking keeps the position-free
-   attractiveness;
+   attractiveness. Under the worker's ``immediate`` feedback protocol the click loss is the
+   fake-negative weighted one, and a shown item is scored once its label is final
+   (``learner.feedback``; the items waiting for it are not checkpointed: after a restart their
+   clicks train as plain positives);
 3. every ``publish_interval_s``: the rows touched since the last publish go out as a delta on
    ``model.updates``; every ``snapshot_interval_s``: a checksummed snapshot goes to the model
    store and its manifest onto ``model.updates`` (format: ``learner/PUBLISHING.md``);
@@ -38,11 +42,14 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from learner.calibration import PositionCalibration
+from learner.feedback import FinalLabels, fake_negative_weights
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
                              OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_TS, RECONNECTS, RMSE, SKIPPED)
 from learner.online_mf import OnlineMF
@@ -50,7 +57,7 @@ from learner.outcomes import OutcomeWindow
 from learner.quality import ClickQuality, RatingQuality
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
-from stream.examples import CLICK, EXAMPLE_KINDS, RATING, Example, outcome_key
+from stream.examples import CLICK, CLICKED, EXAMPLE_KINDS, RATING, SHOWN, ExampleBatch, decode_examples, outcome_key
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -133,6 +140,8 @@ class Learner:
         self.max_event_ts: float | None = state.get("max_event_ts")
         self.quality = {CLICK: ClickQuality(settings.rmse_window), RATING: RatingQuality(settings.rmse_window)}
         self.calibration = PositionCalibration()
+        # The shown items of the ``immediate`` protocol, until their labels are final.
+        self.final_labels: FinalLabels[list] = FinalLabels(settings.outcome_window_s)  # of [logit, position]
         if state.get("click_calibration"):  # the fitted parameters survive; the window refills
             self.calibration.load_state(state["click_calibration"])
         self._touched_users: set[str] = set()
@@ -141,88 +150,151 @@ class Learner:
 
     # -- training ---------------------------------------------------------------------------
 
-    def learn(self, examples: list[Example]) -> int:
-        """Predict-then-train on one micro-batch; returns the number of examples trained on."""
+    def learn(self, batch: ExampleBatch) -> int:
+        """Predict-then-train on one micro-batch of examples in columns (``stream.examples``:
+        ``decode_examples`` or ``example_batch``); returns the number of labelled items trained on."""
         started = time.perf_counter()
-        by_kind: dict[str, list[Example]] = {kind: [] for kind in EXAMPLE_KINDS}
-        for example in self._first_sent(examples):
-            if example.get("anomalous"):
-                SKIPPED.labels("anomalous").inc()
-                continue
-            kind = example.get("kind")
-            if kind not in by_kind:
-                SKIPPED.labels("unknown_kind").inc()
-                continue
-            by_kind[kind].append(example)
+        rows = self._first_sent(batch)
+        required = pc.and_(pc.is_valid(rows["user_id"]), pc.and_(pc.is_valid(rows["item_id"]), pc.is_valid(rows["label"])))
+        incomplete = rows.num_rows - pc.sum(required.cast(pa.int64())).as_py() if rows.num_rows else 0
+        if incomplete:
+            SKIPPED.labels("invalid").inc(incomplete)
+            rows = rows.filter(required)
+        anomalous = pc.fill_null(rows["anomalous"], False)
+        flagged = pc.sum(anomalous.cast(pa.int64())).as_py() if rows.num_rows else 0
+        if flagged:
+            SKIPPED.labels("anomalous").inc(flagged)
+            rows = rows.filter(pc.invert(anomalous))
+        known = pc.is_in(rows["kind"], pa.array(EXAMPLE_KINDS))
+        unknown = rows.num_rows - pc.sum(known.cast(pa.int64())).as_py() if rows.num_rows else 0
+        if unknown:
+            SKIPPED.labels("unknown_kind").inc(unknown)
+            rows = rows.filter(known)
         trained = 0
-        for kind, batch in by_kind.items():
-            if not batch:
+        for kind in EXAMPLE_KINDS:
+            batch = rows.filter(pc.equal(rows["kind"], kind))
+            if not batch.num_rows:
                 continue
-            users = [e["user_id"] for e in batch]
-            items = [e["item_id"] for e in batch]
-            labels = np.array([e["label"] for e in batch], dtype=np.float64)
+            users, items = batch["user_id"].to_pylist(), batch["item_id"].to_pylist()
+            labels = batch["label"].to_numpy()
             try:
                 if kind == CLICK:
-                    before = self.model.learn_batch(
-                        users, items, labels, kind=CLICK,
-                        positions=[e["position"] for e in batch],
-                        propensities=[e["propensity"] for e in batch],
-                    )
+                    positions = batch["position"].to_numpy(zero_copy_only=False)
+                    shown, corrections, slots = self._delayed_feedback(batch, positions)
+                    weights = self._fake_negative_weights(users, items, positions, shown, corrections)
+                    before = self.model.learn_batch(users, items, labels, kind=CLICK, positions=positions,
+                                                    propensities=batch["propensity"].to_numpy(zero_copy_only=False),
+                                                    weights=weights)
                 else:
                     before = self.model.learn_batch(users, items, labels, kind="rating")
             except (ValueError, TypeError, KeyError) as err:
-                log.warning("skipped a %s batch of %d examples: %s", kind, len(batch), err)
-                SKIPPED.labels("invalid").inc(len(batch))
+                log.warning("skipped a %s batch of %d examples: %s", kind, batch.num_rows, err)
+                SKIPPED.labels("invalid").inc(batch.num_rows)
                 continue
             if kind == CLICK:
-                before = self._calibrated(before, [e["position"] for e in batch], labels)
+                before, labels = self._final_click_scores(batch, before, positions, labels, shown, corrections, slots)
             quality = self.quality[kind]
-            quality.add(before, labels)
+            if len(labels):  # under ``immediate`` feedback a batch may hold no final label yet
+                quality.add(before, labels)
             RMSE.labels(kind).set(quality.rmse())
             BASELINE_RMSE.labels(kind).set(quality.baseline_rmse())
             if kind == CLICK:
                 LOGLOSS.set(quality.logloss())
                 BASELINE_LOGLOSS.set(quality.baseline_logloss())
-            EXAMPLES_SEEN.labels(kind).inc(len(batch))
+            EXAMPLES_SEEN.labels(kind).inc(batch.num_rows)
             self._touched_users.update(users)
             self._touched_items.update(items)
-            newest = max(e["ts"] for e in batch)
-            self.max_event_ts = newest if self.max_event_ts is None else max(self.max_event_ts, newest)
-            trained += len(batch)
+            newest = pc.max(batch["ts"]).as_py()
+            if newest is not None:
+                self.max_event_ts = newest if self.max_event_ts is None else max(self.max_event_ts, newest)
+            trained += batch.num_rows
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return trained
 
-    def _first_sent(self, examples: list[Example]) -> list[Example]:
-        """``examples`` less the outcomes already trained (``learner.outcomes``). An example without
+    def _first_sent(self, batch: ExampleBatch) -> pa.Table:
+        """The batch's rows less those of outcomes already trained (``learner.outcomes``): one key
+        per outcome message, from its header (``stream.examples.outcome_key``). A message without
         the fields of its key (an older producer) cannot be recognised and is kept."""
-        keyed, keys, newest = [], [], None
-        for i, e in enumerate(examples):
-            try:
-                keys.append(outcome_key(e["kind"], e["event_id"], e["item_id"]))
-            except (KeyError, TypeError):
-                continue
-            keyed.append(i)
-            ts = e.get("ts")
-            if isinstance(ts, (int, float)) and (newest is None or ts > newest):
-                newest = ts
-        evicted, duplicates = self.outcomes.evicted, self.outcomes.duplicates
-        fresh = self.outcomes.fresh(keys, newest)
+        rows = batch.rows
+        if not rows.num_rows:
+            return rows
+        firsts = batch.first_rows()
+        headers = rows.select(["kind", "stage", "event_id"]).take(firsts).to_pydict()
+        keyed, keys = [], []
+        for n, (kind, stage, event_id) in enumerate(zip(headers["kind"], headers["stage"], headers["event_id"])):
+            if isinstance(kind, str) and isinstance(stage, str) and isinstance(event_id, str):
+                keyed.append(n)
+                keys.append(outcome_key(kind, stage, event_id))
+        evicted = self.outcomes.evicted
+        fresh = self.outcomes.fresh(keys, pc.max(rows["ts"]).as_py())
         OUTCOME_KEYS.set(len(self.outcomes))
         OUTCOME_KEYS_EVICTED.inc(self.outcomes.evicted - evicted)
-        DUPLICATES.inc(self.outcomes.duplicates - duplicates)
         if all(fresh):
-            return examples
-        dropped = {i for i, new in zip(keyed, fresh) if not new}
-        return [e for i, e in enumerate(examples) if i not in dropped]
+            return rows
+        ends = np.r_[firsts[1:], rows.num_rows]
+        keep = np.ones(rows.num_rows, dtype=bool)
+        for n, new in zip(keyed, fresh):
+            if not new:
+                keep[firsts[n]:ends[n]] = False
+        DUPLICATES.inc(int((~keep).sum()))
+        return rows.filter(pa.array(keep))
 
-    def _calibrated(self, probabilities: np.ndarray, positions: list[int], labels: np.ndarray) -> np.ndarray:
-        """The click probabilities at the shown positions by the calibration of before this batch,
-        which then learns from the batch (unweighted: the calibration must not see the IPS weights)."""
+    def _delayed_feedback(self, clicks: pa.Table, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+        """Under ``immediate`` feedback: which click rows are provisional negatives (``shown``,
+        now held in ``final_labels`` until their labels are final) and which are the clicks that
+        correct one (a ``clicked`` row whose shown item is held, from this batch or before); and
+        the held slots ([logit, position]) of the shown rows, whose logits training fills in."""
+        stages = clicks["stage"].to_numpy(zero_copy_only=False)
+        shown = stages == SHOWN
+        corrections = np.zeros(len(stages), dtype=bool)
+        slots: list = []
+        if shown.any() or len(self.final_labels):
+            requests, items, ts = (clicks[f].to_pylist() for f in ("request_id", "item_id", "ts"))
+            for row in np.flatnonzero(shown):
+                slots.append([np.nan, positions[row]])
+                self.final_labels.shown(requests[row], items[row], ts[row], slots[-1])
+            for row in np.flatnonzero(stages == CLICKED):
+                corrections[row] = self.final_labels.clicked(requests[row], items[row])
+        return shown, corrections, slots
+
+    def _fake_negative_weights(self, users: list[str], items: list[str], positions: np.ndarray, shown: np.ndarray,
+                               corrections: np.ndarray) -> np.ndarray | None:
+        """The fake-negative loss weights (``learner.feedback``) of the delayed-feedback rows, 1
+        elsewhere; None when the batch has none. The click probability is the calibrated one at
+        the shown position, by the model of before this batch."""
+        delayed = shown | corrections
+        if not delayed.any():
+            return None
+        rows = np.flatnonzero(delayed)
+        p = np.clip(self.model.predict([users[r] for r in rows], [items[r] for r in rows], kind=CLICK), 1e-12, 1 - 1e-12)
+        p_hat = self.calibration.predict(np.log(p) - np.log1p(-p), positions[rows])
+        weights = np.ones(len(users))
+        weights[rows] = fake_negative_weights(p_hat, corrections[rows])
+        return weights
+
+    def _final_click_scores(self, clicks: pa.Table, probabilities: np.ndarray, positions: np.ndarray,
+                            labels: np.ndarray, shown: np.ndarray, corrections: np.ndarray, slots: list
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """The click probabilities at the shown positions, and their labels, of the outcomes whose
+        label is final: the batch's ``clicked`` and ``closed`` rows (``wait`` protocol) and the
+        shown items whose window passed (``immediate``: held meanwhile in ``final_labels``; a
+        correction is not scored itself). The probabilities come from the calibration of before
+        those outcomes, which then learns from them (unweighted: it must not see the IPS weights)."""
         p = np.clip(probabilities, 1e-12, 1 - 1e-12)
         logits = np.log(p) - np.log1p(-p)
+        for slot, logit in zip(slots, logits[shown]):
+            slot[0] = logit
+        final = ~(shown | corrections)
+        logits, positions, labels = logits[final], positions[final], labels[final]
+        released = self.final_labels.release(pc.max(clicks["ts"]).as_py()) if len(self.final_labels) else []
+        released = [(slot, label) for slot, label in released if np.isfinite(slot[0])]  # not of a skipped batch
+        if released:
+            logits = np.r_[logits, [logit for (logit, _), _ in released]]
+            positions = np.r_[positions, [position for (_, position), _ in released]]
+            labels = np.r_[labels, [label for _, label in released]]
         calibrated = self.calibration.predict(logits, positions)
         self.calibration.update(logits, positions, labels)
-        return calibrated
+        return calibrated, labels
 
     def click_calibration(self) -> tuple[tuple[float, ...], float]:
         return tuple(float(a) for a in self.calibration.intercepts), float(self.calibration.slope)
@@ -327,17 +399,16 @@ class Learner:
                         consumer.close()
                         consumer, tps = self._connect()
                 polled = consumer.poll(timeout_ms=int(s.batch_timeout_s * 1000), max_records=s.batch_size)
-                examples = []
+                values = []
                 for tp, records in polled.items():
-                    for record in records:
-                        try:
-                            examples.append(orjson.loads(record.value))
-                        except orjson.JSONDecodeError:
-                            SKIPPED.labels("not_json").inc()
+                    values += [record.value for record in records]
                     self.offsets[tp.partition] = records[-1].offset + 1
                 now = time.monotonic()
-                if examples:
-                    self.learn(examples)
+                if values:
+                    batch = decode_examples(values)
+                    if batch.malformed:
+                        SKIPPED.labels("malformed").inc(batch.malformed)
+                    self.learn(batch)
                     last_data = now
                 elif max_idle_s is not None and now - last_data > max_idle_s:
                     break

@@ -1,6 +1,7 @@
 """The monitor: how good the served model is, and whether the world is drifting away from it.
 
-It reads the outcomes on ``examples`` (``stream.examples.Example``) and keeps:
+It reads the outcomes on ``examples`` (``stream.examples.Example``), one row per labelled item
+(``decode_examples``), and keeps:
 
 * **served quality** per kind over the last ``rmse_window`` outcomes, a slate's click outcomes
   scored together when its negatives arrive (``serving.slate_order``), each figure beside its
@@ -41,7 +42,6 @@ from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
-import orjson
 
 from serving.concept_drift import PageHinkley
 from serving.drift import CategoricalDrift, NumericDrift
@@ -54,8 +54,9 @@ from serving.seen import SeenItems
 from serving.slate_order import SlateOrder
 from serving.ab_monitor import VariantQuality
 from serving.shadow import Outcome, outcome_of
+from learner.feedback import FinalLabels
 from stream.events import MAX_ID_CHARS
-from stream.examples import CLICK, EXAMPLE_KINDS, RATING
+from stream.examples import CLICK, CLICKED, EXAMPLE_KINDS, RATING, SHOWN, decode_examples
 
 # Page-Hinkley per kind: clicks on the calibration error p - y (two-sided: predictions drifting
 # away from outcomes either way), ratings on the squared error in excess of the running mean's;
@@ -101,7 +102,9 @@ class Monitor:
         drift_window: observations in each of the reference and current windows.
         shadow_window: recent outcomes kept for the shadow check.
         slate_hold_s: event-time seconds a click waits for its slate's negatives before it is scored
-            alone (``serving.slate_order``; twice the worker's attribution window).
+            alone (``serving.slate_order``; twice the worker's attribution window). Under the
+            worker's ``immediate`` feedback a shown item is scored once with its final label, half
+            that long after its slate (``learner.feedback.FinalLabels``).
         drift_every_s: least seconds between two drift computations.
         variants: per-variant click figures of an A/B test (``serving.ab_monitor``), if one runs.
         pinned: the pinned store versions A/B variants serve, by version (an outcome they served is
@@ -114,6 +117,7 @@ class Monitor:
                  pinned: dict[str, ServingModel] | None = None, slate_hold_s: float = 2 * 1800.0) -> None:
         self.live = live
         self.slate_order: SlateOrder[tuple] = SlateOrder(slate_hold_s)
+        self.final_labels: FinalLabels[tuple] = FinalLabels(slate_hold_s / 2)
         self.variants = variants
         self.pinned = {} if pinned is None else pinned
         self.metrics = metrics
@@ -171,11 +175,22 @@ class Monitor:
                 continue
             self._recent.append(outcome_of(example, user, item, label, kind))
             request_id = example.get("request_id") if kind == CLICK else None
-            pending.append((request_id if isinstance(request_id, str) else None, label, ts,
-                            (version, ts, kind, (user, item, label, position), example.get("variant"))))
+            request_id = request_id if isinstance(request_id, str) else None
+            stage = example.get("stage")
+            if request_id is not None and stage == CLICKED and self.final_labels.clicked(request_id, item):
+                continue  # corrects a shown item, which is scored with its final label
+            what = (version, ts, kind, (user, item, label, position), example.get("variant"))
+            if request_id is not None and stage == SHOWN and ts is not None:
+                self.final_labels.shown(request_id, item, ts, what)
+            else:
+                pending.append((request_id, label, ts, what))
         # a slate's outcomes together, each scored by the version found when its slate is complete
+        # (``immediate`` feedback: each shown item once its label is final)
         latest = max(arrivals) if arrivals else now
-        for version, ts, kind, outcome, variant in self.slate_order.add(pending):
+        final = [(version, ts, kind, (user, item, label, position), variant)
+                 for (version, ts, kind, (user, item, _, position), variant), label
+                 in self.final_labels.release(max((p[2] for p in pending if p[2] is not None), default=None))]
+        for version, ts, kind, outcome, variant in self.slate_order.add(pending) + final:
             model, how = self._version_for(version, ts, latest)
             if model is None:
                 results["no_model"] = results.get("no_model", 0) + 1
@@ -292,14 +307,11 @@ async def follow_examples(monitor: Monitor, bootstrap_servers: str, topic: str, 
             batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
             values, arrivals = [], []
             for records in batches.values():
-                for record in records:
-                    try:
-                        values.append(orjson.loads(record.value))
-                    except (orjson.JSONDecodeError, TypeError):
-                        values.append(None)
-                    arrivals.append(record.timestamp / 1000.0)
+                values += [record.value for record in records]
+                arrivals += [record.timestamp / 1000.0 for record in records]
             if values:
-                monitor.observe(values, arrivals)
+                batch = decode_examples(values)
+                monitor.observe(batch.rows.to_pylist() + [None] * batch.malformed, arrivals)
             await asyncio.sleep(0)
     finally:
         await consumer.stop()

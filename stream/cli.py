@@ -19,6 +19,7 @@ from serving.cli import add_parser as add_serve_parser
 from serving.ope.cli import add_parser as add_evaluate_parser
 from sim.cli import add_parsers as add_sim_parsers
 from stream.config import StreamSettings
+from stream.examples import FEEDBACK_PROTOCOLS
 from stream.log.cli import add_parser as add_log_parser
 from stream.tools.command import add_kafka_flags, resolve_bootstrap, setup_logging
 
@@ -51,7 +52,7 @@ def _stream_settings(args: argparse.Namespace) -> StreamSettings:
     settings.bootstrap_servers = resolve_bootstrap(args.bootstrap_servers)
     settings.topic_prefix = args.topic_prefix
     for name in ("partitions", "batch_size", "batch_timeout_s", "log_flush_rows", "log_flush_interval_s",
-                 "dedupe_window_s", "attribution_window_s", "idle_grace_s", "max_future_s",
+                 "dedupe_window_s", "attribution_window_s", "idle_grace_s", "max_future_s", "feedback",
                  "detector_checkpoint_interval_s", "worker_id", "log_compact_interval_s",
                  "log_compact_min_files", "log_compact_min_age_s",
                  "web_port", "web_host"):
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"... that closed at least this long ago (default {defaults.log_compact_min_age_s:g})")
     p.add_argument("--dedupe-window-s", type=float, default=None, help=f"event-time window of event_id dedupe (default {defaults.dedupe_window_s:.0f})")
     p.add_argument("--attribution-window-s", type=float, default=None, help=f"click attribution window (default {defaults.attribution_window_s:.0f})")
+    p.add_argument("--feedback", choices=FEEDBACK_PROTOCOLS, default=None,
+                   help=f"'wait': a slate's unclicked items go out as negatives when its attribution window "
+                        f"closes; 'immediate': every shown item goes out at once as a provisional negative, "
+                        f"corrected by its click (default {defaults.feedback})")
     p.add_argument("--idle-grace-s", type=float, default=None,
                    help=f"after this long without events, event time follows the wall clock so open slates "
                         f"still close (default {defaults.idle_grace_s:g})")

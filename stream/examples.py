@@ -1,27 +1,43 @@
 """The ``examples`` contract (DESIGN.md "Examples"): the labelled outcomes the worker sends to the learner.
 
 One definition, imported by everyone who writes or reads an example: the worker's join and
-pipeline build them here (``click_examples``, ``rating_example``), the log stores them
-(``stream.log.table``), the learner trains on them and serving's monitor scores them.
+pipeline build them here (``click_example``, ``rating_example``), the log stores their rows
+(``example_rows``, ``EXAMPLE_ROWS_SCHEMA``), the learner and serving's monitor read them in
+columns (``decode_examples``).
 
-Framing today: one message (and one log row) per labelled item, an ``Example``, keyed by
-``user_id``. A click on a shown item makes one positive at once; when the slate's attribution
-window closes, each shown item nobody clicked makes one negative; a rating makes one example
-labelled with its value. Position and propensity travel with every example so that learning
-and evaluation can correct for display bias. DESIGN.md plans one message per outcome instead
-(an item list under one header); that change is made here, in ``Example`` and its builders, and
-in the readers that import them.
+Framing: one message per outcome, keyed by ``user_id``: a header (who, which slate, which model,
+when, which stage) and the items the outcome labels, each with its position, propensity,
+inverse-propensity weight and label. The stages:
+
+- ``rated``: a rating; one item labelled with its value;
+- ``clicked``: a click joined to its slate; one item labelled ``POSITIVE``;
+- ``closed``: a slate's attribution window closed; the shown items nobody clicked, ``NEGATIVE``;
+- ``shown``: a slate at impression time, every item ``NEGATIVE`` (a provisional negative that a
+  later ``clicked`` corrects; only under the worker's ``immediate`` feedback protocol).
+
+The log keeps one row per labelled item (``example_rows``), the form every reader computes on.
 
 >>> imp = {"event_id": "e1", "user_id": "u", "ts": 0.0, "request_id": "r", "model_version": "m1",
 ...        "policy": "greedy", "items": [{"item_id": "a", "position": 2, "propensity": 0.25}]}
->>> (ex,) = click_examples(imp, imp["items"], POSITIVE, ts=5.0, event_id="e2", max_weight=50.0)
->>> ex["kind"], ex["label"], ex["position"], ex["weight"], label_name(ex["kind"], ex["label"])
-('click', 1.0, 2, 4.0, 'positive')
+>>> ex = click_example(imp, imp["items"], CLICKED, ts=5.0, event_id="e2", max_weight=50.0)
+>>> ex["stage"], [(i["item_id"], i["label"], i["position"], i["weight"]) for i in ex["items"]]
+('clicked', [('a', 1.0, 2, 4.0)])
+>>> rows = example_rows([ex])
+>>> rows.num_rows, rows.column("label").to_pylist(), rows.column("request_id").to_pylist()
+(1, [1.0], ['r'])
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, TypedDict
+import io
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, TypedDict
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 CLICK = "click"
 RATING = "rating"
@@ -32,28 +48,64 @@ EXAMPLE_KINDS = (RATING, CLICK)
 POSITIVE = 1.0
 NEGATIVE = 0.0
 
+# Stages: what settled the labels of an example's items (module docstring).
+RATED, CLICKED, CLOSED, SHOWN = "rated", "clicked", "closed", "shown"
+STAGES = (RATED, CLICKED, CLOSED, SHOWN)
+_CLICK_LABELS = {CLICKED: POSITIVE, CLOSED: NEGATIVE, SHOWN: NEGATIVE}
 
-class Example(TypedDict):
-    """One labelled item, as sent on ``examples`` and logged in the ``examples`` table."""
+# The worker's feedback protocols: ``wait`` sends a slate's unclicked items as one ``closed``
+# example when its attribution window closes; ``immediate`` sends every shown item at once as a
+# ``shown`` example, and a click as a ``clicked`` correction (``learner.feedback``).
+WAIT, IMMEDIATE = "wait", "immediate"
+FEEDBACK_PROTOCOLS = (WAIT, IMMEDIATE)
 
-    user_id: str
+
+class ExampleItem(TypedDict):
+    """One labelled item of an example."""
+
     item_id: str
-    label: float  # click: POSITIVE or NEGATIVE; rating: the rating value
     position: int | None  # where the slate showed the item (None for ratings)
     propensity: float  # the probability the policy showed it there (1.0 for ratings)
     weight: float  # the clipped inverse propensity (``ips_weight``; 1.0 for ratings)
-    model_version: str | None  # the model that served the slate (None for ratings)
-    request_id: str | None  # the slate's request (None for ratings)
-    ts: float  # event time: the click's, the impression's (negatives) or the rating's
+    label: float  # click: POSITIVE or NEGATIVE; rating: the rating value
+
+
+class Example(TypedDict):
+    """One outcome, as sent on ``examples``: the header and the items it labels."""
+
     kind: Literal["click", "rating"]
-    anomalous: bool  # the user was flagged by the anomaly detector (the learner skips it)
+    stage: Literal["rated", "clicked", "closed", "shown"]
+    user_id: str
+    request_id: str | None  # the slate's request (None for ratings)
+    model_version: str | None  # the model that served the slate (None for ratings)
     policy: str | None  # the policy that chose the slate (None for ratings)
-    event_id: str  # the event the example came from: the click, the impression or the rating
     variant: str | None  # the A/B variant that served the slate (None for ratings and outside A/B tests)
+    ts: float  # event time: the click's, the impression's (closed, shown) or the rating's
+    anomalous: bool  # the user was flagged by the anomaly detector (the learner skips it)
+    event_id: str  # the event that settled the labels: the click, the impression or the rating
+    items: list[ExampleItem]
 
 
-# The field names, in the order the log's ``examples`` table stores them.
-EXAMPLE_FIELDS: tuple[str, ...] = tuple(Example.__annotations__)
+_HEADER_TYPES = {
+    "kind": pa.string(), "stage": pa.string(), "user_id": pa.string(), "request_id": pa.string(),
+    "model_version": pa.string(), "policy": pa.string(), "variant": pa.string(), "ts": pa.float64(),
+    "anomalous": pa.bool_(), "event_id": pa.string(),
+}
+_ITEM_TYPES = {"item_id": pa.string(), "position": pa.int32(), "propensity": pa.float64(), "weight": pa.float64(),
+               "label": pa.float64()}
+# A field added to the TypedDicts without a column type here fails at import.
+HEADER_FIELDS: tuple[str, ...] = tuple(f for f in Example.__annotations__ if f != "items")
+ITEM_FIELDS: tuple[str, ...] = tuple(ExampleItem.__annotations__)
+EXAMPLE_SCHEMA = pa.schema([(f, _HEADER_TYPES[f]) for f in HEADER_FIELDS]
+                           + [("items", pa.list_(pa.struct([(f, _ITEM_TYPES[f]) for f in ITEM_FIELDS])))])
+# One row per labelled item: the log's ``examples`` table and what readers compute on. The order
+# is the log's (``stage`` came with the one-message-per-outcome framing, so it is last).
+EXAMPLE_ROW_FIELDS: tuple[str, ...] = ("user_id", "item_id", "label", "position", "propensity", "weight",
+                                       "model_version", "request_id", "ts", "kind", "anomalous", "policy",
+                                       "event_id", "variant", "stage")
+EXAMPLE_ROWS_SCHEMA = pa.schema([(f, {**_HEADER_TYPES, **_ITEM_TYPES}[f]) for f in EXAMPLE_ROW_FIELDS])
+_JSON_OPTIONS = pa_json.ParseOptions(explicit_schema=EXAMPLE_SCHEMA, unexpected_field_behavior="ignore")
+_READ_OPTIONS = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
 
 
 def ips_weight(propensity: float, max_weight: float) -> float:
@@ -61,69 +113,141 @@ def ips_weight(propensity: float, max_weight: float) -> float:
     return min(1.0 / propensity, max_weight)
 
 
-def click_examples(
-    impression: dict, items: list[dict], label: float, ts: float, event_id: str, max_weight: float
-) -> list[Example]:
-    """One click example per item of ``items``, shown by the (valid) event ``impression``, all
-    labelled ``label``; ``ts`` and ``event_id`` are those of the event that settled the label."""
-    user_id, model_version, request_id, policy, variant = (
-        impression["user_id"], impression["model_version"], impression["request_id"], impression["policy"],
-        impression.get("variant"))
-    return [  # this loop runs once per shown item
-        {
-            "user_id": user_id,
-            "item_id": item["item_id"],
-            "label": label,
-            "position": item["position"],
-            "propensity": item["propensity"],
-            "weight": ips_weight(item["propensity"], max_weight),
-            "model_version": model_version,
-            "request_id": request_id,
-            "ts": ts,
-            "kind": CLICK,
-            "anomalous": False,
-            "policy": policy,
-            "event_id": event_id,
-            "variant": variant,
-        }
-        for item in items
-    ]
+def click_example(impression: dict, items: list[dict], stage: str, ts: float, event_id: str,
+                  max_weight: float) -> Example:
+    """The ``stage`` outcome of ``items``, shown by the (valid) event ``impression``; ``ts`` and
+    ``event_id`` are those of the event that settled the labels."""
+    label = _CLICK_LABELS[stage]
+    return {
+        "kind": CLICK,
+        "stage": stage,  # type: ignore[typeddict-item]
+        "user_id": impression["user_id"],
+        "request_id": impression["request_id"],
+        "model_version": impression["model_version"],
+        "policy": impression["policy"],
+        "variant": impression.get("variant"),
+        "ts": ts,
+        "anomalous": False,
+        "event_id": event_id,
+        "items": [  # this loop runs once per shown item
+            {"item_id": item["item_id"], "position": item["position"], "propensity": item["propensity"],
+             "weight": ips_weight(item["propensity"], max_weight), "label": label}
+            for item in items
+        ],
+    }
 
 
 def rating_example(event: dict) -> Example:
     """A (valid) rating event is an example as it stands: label = the rating, no position, propensity 1."""
     return {
-        "user_id": event["user_id"],
-        "item_id": event["item_id"],
-        "label": float(event["value"]),
-        "position": None,
-        "propensity": 1.0,
-        "weight": 1.0,
-        "model_version": None,
-        "request_id": None,
-        "ts": float(event["ts"]),
         "kind": RATING,
-        "anomalous": False,
+        "stage": RATED,
+        "user_id": event["user_id"],
+        "request_id": None,
+        "model_version": None,
         "policy": None,
-        "event_id": event["event_id"],
         "variant": None,
+        "ts": float(event["ts"]),
+        "anomalous": False,
+        "event_id": event["event_id"],
+        "items": [{"item_id": event["item_id"], "position": None, "propensity": 1.0, "weight": 1.0,
+                   "label": float(event["value"])}],
     }
 
 
-def outcome_key(kind: str, event_id: str, item_id: str) -> int:
-    """The identity of one outcome, the same in every framing of ``examples``: a 63-bit integer
-    digest of (kind, the event that settled the label, the item).
+class ExampleBatch(NamedTuple):
+    """A batch of examples in columns: one row per labelled item (``EXAMPLE_ROWS_SCHEMA``), the
+    index of each row's message in the batch, and how many messages were not examples."""
+
+    rows: pa.Table
+    message: np.ndarray  # int64, ascending: rows of one message are consecutive
+    malformed: int = 0
+
+    def first_rows(self) -> np.ndarray:
+        """The first row of each message that has items (where its header is read)."""
+        message = self.message
+        return np.flatnonzero(np.r_[True, message[1:] != message[:-1]]) if len(message) else message
+
+
+def example_rows(examples: Sequence[Example]) -> pa.Table:
+    """One row per labelled item of ``examples`` (``EXAMPLE_ROWS_SCHEMA``), in message order."""
+    return example_batch(examples).rows
+
+
+def example_batch(examples: Sequence[Example]) -> ExampleBatch:
+    """``examples`` (as the worker builds them) in columns."""
+    return _flatten(pa.Table.from_pylist(list(examples), schema=EXAMPLE_SCHEMA))
+
+
+def decode_examples(values: Sequence[bytes | None]) -> ExampleBatch:
+    """A batch of ``examples`` messages as Kafka delivered them (JSON), decoded in columns by
+    Arrow. A message that is not an example (not JSON, a field of the wrong type, no item list)
+    is left out and counted in ``malformed``; a missing header field reads as null."""
+    lines = [line for line in map(_one_line, values) if line is not None]
+    try:
+        return _flatten(_read(lines), len(values) - len(lines))
+    except pa.ArrowInvalid:
+        pass
+    tables = []  # one message at a time, to find the bad ones
+    for value in lines:
+        try:
+            tables.append(_read([value]))
+        except pa.ArrowInvalid:
+            pass
+    messages = pa.concat_tables(tables) if tables else EXAMPLE_SCHEMA.empty_table()
+    return _flatten(messages, len(values) - len(tables))
+
+
+def _one_line(value: bytes | None) -> bytes | None:
+    """Arrow reads one JSON document per line: a message with line breaks is re-encoded; None
+    for an empty message or one with line breaks that is not JSON."""
+    if not value:
+        return None
+    if b"\n" not in value:
+        return value
+    try:
+        return orjson.dumps(orjson.loads(value))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _read(lines: list[bytes]) -> pa.Table:
+    if not lines:
+        return EXAMPLE_SCHEMA.empty_table()
+    return pa_json.read_json(io.BytesIO(b"\n".join(lines)), read_options=_READ_OPTIONS, parse_options=_JSON_OPTIONS)
+
+
+def _flatten(messages: pa.Table, malformed: int = 0) -> ExampleBatch:
+    """Flatten the item lists: each item's fields beside its message's header, no Python loop. A
+    message without an item list (not of this framing) is counted as ``malformed``."""
+    items = messages.column("items").combine_chunks()
+    parents = pc.list_parent_indices(items)
+    flat = pc.list_flatten(items)
+    columns = {f: messages.column(f).take(parents) for f in HEADER_FIELDS}
+    columns.update({f: flat.field(f) for f in ITEM_FIELDS})
+    rows = pa.table([columns[f] for f in EXAMPLE_ROW_FIELDS], schema=EXAMPLE_ROWS_SCHEMA)
+    return ExampleBatch(rows, parents.to_numpy().astype(np.int64), malformed + items.null_count)
+
+
+def count_rows(examples: Sequence[Example]) -> int:
+    """Labelled items in ``examples`` (the log rows they make)."""
+    return sum(len(e["items"]) for e in examples)
+
+
+def outcome_key(kind: str, stage: str, event_id: str) -> int:
+    """The identity of one outcome message: a 63-bit integer digest of (kind, stage, the event that
+    settled the labels).
 
     A worker that replays a batch after a crash re-sends the batch's outcomes with the same
-    three fields, so the learner can recognise them (``learner.outcomes``). A click's positive
-    (the click's event_id) and its slate's negatives (the impression's) never share a key. The
-    digest is stable across processes (unlike ``hash``), so remembered keys survive a restart;
-    two of 10 million remembered outcomes collide with probability about 5e-6.
+    header, so the learner can recognise them (``learner.outcomes``). A click's ``clicked`` (the
+    click's event_id) and its slate's ``closed`` or ``shown`` (the impression's) never share a key.
+    The digest is stable across processes (unlike ``hash``), so remembered keys survive a
+    restart; two of 10 million remembered outcomes collide with probability about 5e-6.
 
-    >>> outcome_key("click", "e2", "b") == outcome_key("click", "e2", "b") != outcome_key("click", "e1", "b")
+    >>> outcome_key("click", "closed", "e1") == outcome_key("click", "closed", "e1") != outcome_key("click", "shown", "e1")
     True
     """
-    text = f"{len(kind)}:{kind}{len(event_id)}:{event_id}{item_id}"  # length-prefixed: no two triples alike
+    text = f"{len(kind)}:{kind}{len(stage)}:{stage}{event_id}"  # length-prefixed: no two triples alike
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -88,3 +88,13 @@ def ensure_topics(bootstrap_servers: str, partitions: int = 4, topics: Topics = 
         return created
     finally:
         admin.close()
+
+
+def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """The end offset of every partition of ``topic`` (empty when it does not exist)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()

@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 from kafka import KafkaConsumer, TopicPartition
 
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
-from stream.topics import Topics
+from stream.topics import Topics, end_offsets
 
 
 class WorkerProcess:
@@ -126,16 +126,6 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -
     finally:
         consumer.close()
     return out
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """The end offset of every partition of ``topic``."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
-    finally:
-        consumer.close()
 
 
 def log_caught_up(bootstrap: str, prefix: str, log: DeltaLog) -> bool:

@@ -15,12 +15,14 @@ from typing import Callable
 
 import pyarrow as pa
 
+from stream.examples import Example, count_rows
+
 
 @dataclass
 class Pending:
     """What one flush writes and then commits."""
 
-    examples: list[dict] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)  # messages; their rows are ``example_rows``
     events: list[pa.Table] = field(default_factory=list)
     offsets: dict = field(default_factory=dict)  # topic partition -> next offset to consume
     rows: int = 0
@@ -31,7 +33,7 @@ class LogBuffer:
 
     >>> clock = iter([0.0, 1.0, 9.0]).__next__
     >>> buffer = LogBuffer(flush_rows=100, flush_interval_s=5.0, clock=clock)
-    >>> buffer.add([{"ts": 1.0}], pa.table({"ts": [1.0, 2.0]}), {"p0": 7})   # clock: 0.0
+    >>> buffer.add([{"ts": 1.0, "items": [{}]}], pa.table({"ts": [1.0, 2.0]}), {"p0": 7})   # clock: 0.0
     >>> buffer.due()                                                       # clock: 1.0
     False
     >>> buffer.due()                                                       # clock: 9.0
@@ -53,7 +55,7 @@ class LogBuffer:
     def __len__(self) -> int:
         return self._pending.rows
 
-    def add(self, examples: list[dict], events: pa.Table, offsets: dict) -> None:
+    def add(self, examples: list[Example], events: pa.Table, offsets: dict) -> None:
         """Buffer one batch's examples and event rows; ``offsets`` are the batch's next offsets."""
         pending = self._pending
         if self._since is None and (examples or events.num_rows or offsets):
@@ -62,7 +64,7 @@ class LogBuffer:
         if events.num_rows:
             pending.events.append(events)
         pending.offsets.update(offsets)
-        pending.rows += len(examples) + events.num_rows
+        pending.rows += count_rows(examples) + events.num_rows
 
     def due(self) -> bool:
         """True when the buffer holds ``flush_rows`` rows or has waited ``flush_interval_s``."""

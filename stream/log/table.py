@@ -3,8 +3,8 @@
 - ``events``: every accepted event, one row per shown item for impressions, so each row says
   what was shown, at which position, with what probability, by which model version and policy,
   and where it came from (``source_partition``, ``source_offset`` of the ``events`` topic);
-- ``examples``: the labelled rows the join produced (``stream.examples.Example``: label,
-  position, propensity, weight, ...).
+- ``examples``: one row per labelled item of the outcomes the join produced
+  (``stream.examples.example_rows``: label, position, propensity, weight, stage, ...).
 
 Each ``DeltaLog.append`` is one Delta commit: the data files are written first and become visible
 only with the commit's JSON entry, so a reader (or a worker restarting after SIGKILL) never sees
@@ -33,7 +33,7 @@ import pyarrow.dataset as ds
 from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from stream.examples import EXAMPLE_FIELDS
+from stream.examples import EXAMPLE_ROWS_SCHEMA
 
 EVENTS = "events"
 EXAMPLES = "examples"
@@ -60,25 +60,8 @@ EVENTS_SCHEMA = pa.schema([
     ("source_offset", pa.int64()),
 ])
 
-# The column type of each field of ``stream.examples.Example``: a field added there without a
-# type here fails at import.
-_EXAMPLE_COLUMN_TYPES = {
-    "user_id": pa.string(),
-    "item_id": pa.string(),
-    "label": pa.float64(),
-    "position": pa.int32(),
-    "propensity": pa.float64(),
-    "weight": pa.float64(),
-    "model_version": pa.string(),
-    "request_id": pa.string(),
-    "ts": pa.float64(),
-    "kind": pa.string(),
-    "anomalous": pa.bool_(),
-    "policy": pa.string(),
-    "event_id": pa.string(),
-    "variant": pa.string(),
-}
-EXAMPLES_SCHEMA = pa.schema([(name, _EXAMPLE_COLUMN_TYPES[name]) for name in EXAMPLE_FIELDS])
+# One row per labelled item of an example (``stream.examples``, where the schema is defined).
+EXAMPLES_SCHEMA = EXAMPLE_ROWS_SCHEMA
 
 SCHEMAS = {EVENTS: EVENTS_SCHEMA, EXAMPLES: EXAMPLES_SCHEMA}
 # Parquet dictionary-encodes only the columns whose values repeat (ids of users and items, enums);

@@ -55,6 +55,7 @@ from stream.topics import Topics
 from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog
 from stream.log.buffer import LogBuffer, Pending
 from stream.log.maintenance import compact
+from stream.examples import example_rows
 from stream.worker.output import BatchSender
 from stream.worker.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
 
@@ -167,7 +168,7 @@ class Worker:
         offsets = {(tp.topic, tp.partition): next_offset - 1 for tp, next_offset in pending.offsets.items()}
         events = pa.concat_tables(pending.events) if pending.events else EVENTS_SCHEMA.empty_table()
         self.log.append(EVENTS, events, offsets, self.group_id)
-        self.log.append(EXAMPLES, pending.examples, offsets, self.group_id)
+        self.log.append(EXAMPLES, example_rows(pending.examples), offsets, self.group_id)
 
     @property
     def detector_dir(self) -> Path:
@@ -423,6 +424,7 @@ def create_worker(
         detector=detector,
         idle_grace_s=settings.idle_grace_s,
         max_future_s=settings.max_future_s,
+        feedback=settings.feedback,
     )
     worker = Worker(settings, pipeline, DeltaLog(settings.log_dir, settings.log_storage_options), topics,
                     BatchSender(settings.bootstrap_servers), group_id=settings.topic_prefix + "streamrec-ingest",

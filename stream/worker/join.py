@@ -1,11 +1,13 @@
 """Joins clicks to the impression slate they came from and turns both into labelled examples.
 
 A slate (one impression event) stays open for ``window_s`` seconds of event time after it was
-shown. A click with the slate's ``request_id`` on a shown item within the window makes that item
-a positive example at once; when the window closes, every shown item nobody clicked becomes a
-negative. Position and propensity come from the impression, so every example says where the item
-was shown and with what probability: what the learner and the evaluation need to correct for
-display bias.
+shown. A click with the slate's ``request_id`` on a shown item within the window makes a
+``clicked`` example of that item at once; when the window closes, the shown items nobody clicked
+make one ``closed`` example, all negatives. Position and propensity come from the impression, so
+every item says where it was shown and with what probability: what the learner and the
+evaluation need to correct for display bias. That is the ``wait`` feedback protocol; under
+``immediate`` an impression makes a ``shown`` example of all its items at once (provisional
+negatives), a click still makes its ``clicked`` example, and a closing window makes none.
 
 The examples themselves are built by ``stream.examples``, the contract's one definition.
 
@@ -25,7 +27,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from stream.examples import NEGATIVE, POSITIVE, Example, click_examples
+from stream.examples import CLICKED, CLOSED, FEEDBACK_PROTOCOLS, IMMEDIATE, SHOWN, WAIT, Example, click_example
 
 MATCHED = "matched"
 ORPHAN = "orphan_click"
@@ -47,24 +49,30 @@ class ImpressionJoiner:
     Parameters:
         window_s: the attribution window in seconds of event time (default 30 minutes).
         max_weight: clip of the inverse-propensity weight an example carries.
+        feedback: ``"wait"`` or ``"immediate"`` (module docstring).
 
     >>> j = ImpressionJoiner(window_s=60)
     >>> imp = {"event_id": "e1", "type": "impression", "user_id": "u", "ts": 0.0, "request_id": "r",
     ...        "model_version": "m1", "policy": "greedy",
     ...        "items": [{"item_id": "a", "position": 1, "propensity": 1.0},
     ...                  {"item_id": "b", "position": 2, "propensity": 0.5}]}
-    >>> j.on_impression(imp)
+    >>> j.on_impression(imp) is None   # under ``wait`` feedback: nothing until a click or the close
+    True
     >>> outcome, ex = j.on_click({"event_id": "e2", "type": "click", "user_id": "u", "ts": 5.0,
     ...                           "request_id": "r", "item_id": "b"})
-    >>> outcome, ex["label"], ex["position"], ex["weight"]
-    ('matched', 1.0, 2, 2.0)
-    >>> [(e["item_id"], e["label"]) for e in j.advance(61.0)]
-    [('a', 0.0)]
+    >>> (item,) = ex["items"]
+    >>> outcome, ex["stage"], item["label"], item["position"], item["weight"]
+    ('matched', 'clicked', 1.0, 2, 2.0)
+    >>> [(e["stage"], [(i["item_id"], i["label"]) for i in e["items"]]) for e in j.advance(61.0)]
+    [('closed', [('a', 0.0)])]
     """
 
-    def __init__(self, window_s: float = 1800.0, max_weight: float = 50.0) -> None:
+    def __init__(self, window_s: float = 1800.0, max_weight: float = 50.0, feedback: str = WAIT) -> None:
         if not window_s > 0:
             raise ValueError(f"window_s must be positive, got {window_s!r}")
+        if feedback not in FEEDBACK_PROTOCOLS:
+            raise ValueError(f"feedback must be one of {FEEDBACK_PROTOCOLS}, got {feedback!r}")
+        self.feedback = feedback
         self.window_s = window_s
         self.max_weight = max_weight
         self.watermark = float("-inf")
@@ -76,17 +84,22 @@ class ImpressionJoiner:
     def __len__(self) -> int:
         return len(self._open)
 
-    def on_impression(self, impression: dict) -> None:
-        """Open the slate of an impression (a repeated request_id keeps the first slate)."""
+    def on_impression(self, impression: dict) -> Example | None:
+        """Open the slate of an impression (a repeated request_id keeps the first slate); under
+        ``immediate`` feedback, return its ``shown`` example."""
         request_id = impression["request_id"]
         if request_id in self._open or request_id in self._closed:
-            return
+            return None
         items = {item["item_id"]: item for item in impression["items"]}
         self._open[request_id] = _Slate(impression, items)
         heapq.heappush(self._deadlines, (impression["ts"] + self.window_s, request_id))
+        if self.feedback == IMMEDIATE:
+            return click_example(impression, impression["items"], SHOWN, impression["ts"], impression["event_id"],
+                                 self.max_weight)
+        return None
 
     def on_click(self, click: dict) -> tuple[str, Example | None]:
-        """Join a click: (outcome, positive example or None)."""
+        """Join a click: (outcome, its ``clicked`` example or None)."""
         request_id = click["request_id"]
         slate = self._open.get(request_id)
         if slate is None:
@@ -99,25 +112,26 @@ class ImpressionJoiner:
         if click["item_id"] in slate.clicked:
             return DUPLICATE, None
         slate.clicked.add(click["item_id"])
-        (example,) = click_examples(slate.impression, [item], POSITIVE, click["ts"], click["event_id"], self.max_weight)
-        return MATCHED, example
+        return MATCHED, click_example(slate.impression, [item], CLICKED, click["ts"], click["event_id"], self.max_weight)
 
     def advance(self, watermark: float) -> list[Example]:
-        """Move event time to ``watermark``; return the negatives of every slate whose window closed."""
+        """Move event time to ``watermark``; return the ``closed`` example of every slate whose
+        window closed with items nobody clicked (none under ``immediate`` feedback)."""
         if watermark > self.watermark:
             self.watermark = watermark
-        negatives = []
+        closed = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] < self.watermark:
             close_at, request_id = heapq.heappop(deadlines)
             slate = self._open.pop(request_id)
             imp, clicked = slate.impression, slate.clicked
             unclicked = [item for item_id, item in slate.items.items() if item_id not in clicked]
-            negatives += click_examples(imp, unclicked, NEGATIVE, imp["ts"], imp["event_id"], self.max_weight)
+            if unclicked and self.feedback == WAIT:
+                closed.append(click_example(imp, unclicked, CLOSED, imp["ts"], imp["event_id"], self.max_weight))
             self._closed[request_id] = close_at
             heapq.heappush(self._closed_order, (close_at, request_id))
         self._forget_closed()
-        return negatives
+        return closed
 
     def restore(
         self,

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,7 +27,8 @@ from stream.worker import metrics
 from stream.worker.dedupe import DedupeWindow
 from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog, events_table
 from stream.events import DEFAULT_MAX_FUTURE_S, InvalidEvent, decode
-from stream.examples import Example, label_name, rating_example
+from stream.examples import (CLICK, CLICKED, CLOSED, FEEDBACK_PROTOCOLS, NEGATIVE, POSITIVE, RATED, RATING, SHOWN,
+                             WAIT, Example, label_name, rating_example)
 from stream.worker.join import MATCHED, ImpressionJoiner
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class IngestPipeline:
             tests pass a fake one to move time by hand.
         max_future_s: an event whose ts is more than this ahead of the wall clock is dead-lettered
             as ``ts_in_future`` (it would move event time past the rest of the stream).
+        feedback: the feedback protocol, ``"wait"`` or ``"immediate"`` (``stream.worker.join``).
     """
 
     def __init__(
@@ -118,10 +119,14 @@ class IngestPipeline:
         anomaly_slice_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         max_future_s: float = DEFAULT_MAX_FUTURE_S,
+        feedback: str = WAIT,
     ) -> None:
         if not dedupe_window_s > 0 or not attribution_window_s > 0:
             raise ValueError(f"dedupe_window_s and attribution_window_s must be positive, "
                              f"got {dedupe_window_s!r}, {attribution_window_s!r}")
+        if feedback not in FEEDBACK_PROTOCOLS:
+            raise ValueError(f"feedback must be one of {FEEDBACK_PROTOCOLS} (STREAMREC_FEEDBACK, --feedback), "
+                             f"got {feedback!r}")
         self.dedupe_window_s = dedupe_window_s
         self.attribution_window_s = attribution_window_s
         self.max_weight = max_weight
@@ -130,6 +135,7 @@ class IngestPipeline:
         self.anomaly_slice_s = anomaly_slice_s
         self.clock = clock
         self.max_future_s = max_future_s
+        self.feedback = feedback
         self.partitions: dict[int, PartitionState] = {}
         self._parked: dict[int, PartitionState] = {}  # revoked, kept until the next assignment
         self._warmed: set[int] = set()  # partitions whose logged events the detector's windows hold
@@ -139,7 +145,8 @@ class IngestPipeline:
         state = self.partitions.get(partition)
         if state is None:
             state = self.partitions[partition] = PartitionState(
-                DedupeWindow(self.dedupe_window_s), ImpressionJoiner(self.attribution_window_s, self.max_weight),
+                DedupeWindow(self.dedupe_window_s),
+                ImpressionJoiner(self.attribution_window_s, self.max_weight, self.feedback),
                 last_batch_wall=self.clock())
         return state
 
@@ -197,7 +204,9 @@ class IngestPipeline:
             kind = event["type"]
             types[kind] += 1
             if kind == "impression":
-                joiner.on_impression(event)
+                shown = joiner.on_impression(event)
+                if shown is not None:
+                    examples.append(shown)
             elif kind == "click":
                 outcome, example = joiner.on_click(event)
                 out.join_outcomes[outcome] += 1
@@ -256,7 +265,7 @@ class IngestPipeline:
         return out
 
     def _finish_examples(self, examples: list[Example]) -> None:
-        """Mark the examples of users the detector flags as anomalous; count examples by label."""
+        """Mark the examples of users the detector flags as anomalous; count labelled items."""
         detector = self.detector
         if detector is not None:
             flags: dict[str, bool] = {}
@@ -268,12 +277,12 @@ class IngestPipeline:
                     flag = flags[user] = detector.is_flagged(user)
                 if flag:
                     example["anomalous"] = True
-                    flagged += 1
+                    flagged += len(example["items"])
             if flagged:
                 metrics.SKIPPED_ANOMALOUS.inc(flagged)
         labels: Counter = Counter()
-        for (kind, label), n in Counter(map(_KIND_AND_LABEL, examples)).items():  # counted in C
-            labels[kind, label_name(kind, label)] += n
+        for example in examples:  # one message per outcome: its items share a label but for ratings
+            labels[example["kind"], _LABEL_NAMES[example["stage"]]] += len(example["items"])
         _count(metrics.EXAMPLES, labels)
 
     def restore(self, log: DeltaLog) -> dict:
@@ -320,9 +329,11 @@ class IngestPipeline:
         impressions = rows[rows["type"] == "impression"]
         slates = [_impression_from_rows(group) for _, group in impressions.groupby("event_id", sort=False)]
         labelled = log.read(EXAMPLES, since_ts=newest - horizon - window,
-                            columns=["request_id", "item_id", "label", "kind"])
+                            columns=["request_id", "item_id", "label", "kind", "stage"])
         labelled = labelled[(labelled["kind"] == "click") & labelled["request_id"].isin({s["request_id"] for s in slates})]
-        negatives_logged = set(labelled.loc[labelled["label"] == 0, "request_id"])
+        stage = labelled["stage"]  # null in rows logged before stages: those are closed or clicked
+        closed = (stage == CLOSED) | (stage.isna() & (labelled["label"] == NEGATIVE))
+        negatives_logged = set(labelled.loc[closed, "request_id"])
         if detector is not None and partition not in self._warmed:
             # Once per partition: windows cannot be emptied of one partition's entities, and
             # observing the same logged events twice would count them twice.
@@ -330,10 +341,10 @@ class IngestPipeline:
             first_rows = impressions.drop_duplicates("event_id").index  # in the order of the groups
             detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), newest - detector.idle_s))
         slates.sort(key=lambda imp: imp["ts"])
-        # A slate whose negatives are in the log was closed (perhaps by the idle timer, ahead of
+        # A slate whose ``closed`` example is in the log was closed (perhaps by the idle timer, ahead of
         # event time); one whose window has passed is closed too. The rest are still open.
         is_open = [imp["request_id"] not in negatives_logged and imp["ts"] + window >= newest for imp in slates]
-        positives = labelled[labelled["label"] > 0]
+        positives = labelled[labelled["label"] > NEGATIVE]
         state.joiner.restore(
             [imp for imp, o in zip(slates, is_open) if o],
             zip(positives["request_id"], positives["item_id"]),
@@ -356,7 +367,9 @@ class PartitionState:
     next_offset: int | None = None  # the offset after the last record processed (None: none yet)
 
 
-_KIND_AND_LABEL = itemgetter("kind", "label")
+# The ``label`` label of ``streamrec_examples_total`` by stage (``stream.examples.label_name``).
+_LABEL_NAMES = {RATED: label_name(RATING, 0.0), CLICKED: label_name(CLICK, POSITIVE),
+                CLOSED: label_name(CLICK, NEGATIVE), SHOWN: label_name(CLICK, NEGATIVE)}
 
 
 def _count(counter, counts: dict) -> None:

@@ -2,8 +2,8 @@
 
 The worker sends a batch's examples before its log rows and offsets are durable, so a worker
 killed in between replays the batch when it restarts and sends the same outcomes again: the
-``examples`` topic is at least once. The learner recognises an outcome by its key
-(``stream.examples.outcome_key``) and trains it once, also across its own restart from a
+``examples`` topic is at least once. The learner recognises an outcome message by its key
+(``stream.examples.outcome_key``) and trains its items once, also across its own restart from a
 checkpoint. The worker here runs with a long log flush interval, so that nothing is durable when
 it is killed and every kill makes duplicates.
 """
@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from learner.service import Learner
 from learner.settings import LearnerSettings
 from stream import events as ev
-from stream.examples import EXAMPLE_KINDS, outcome_key
+from stream.examples import EXAMPLE_KINDS, example_rows
 from stream.producer import EventProducer
 from stream.topics import Topics, ensure_topics
 from tests.traffic import BASE_TS, click_flood
@@ -41,7 +41,8 @@ def _traffic() -> list[dict]:
 
 
 def _examples_on_topic(bootstrap: str, topic: str) -> list[dict]:
-    """Every message on ``topic`` up to its end offsets at the call (the worker may still send)."""
+    """The labelled items (``example_rows``) of every message on ``topic`` up to its end offsets at
+    the call (the worker may still send)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     out: list[dict] = []
     try:
@@ -56,11 +57,12 @@ def _examples_on_topic(bootstrap: str, topic: str) -> list[dict]:
                 out += [json.loads(r.value) for r in records if r.offset < ends[tp]]
     finally:
         consumer.close()
-    return out
+    return example_rows(out).to_pylist()
 
 
-def _keys(examples: list[dict]) -> Counter:
-    return Counter(outcome_key(e["kind"], e["event_id"], e["item_id"]) for e in examples)
+def _keys(rows: list[dict]) -> Counter:
+    """Each labelled item of an outcome, by its outcome's header and its item."""
+    return Counter((r["kind"], r["stage"], r["event_id"], r["item_id"]) for r in rows)
 
 
 def _trained() -> float:

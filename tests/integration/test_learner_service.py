@@ -13,6 +13,7 @@ import pytest
 from kafka import KafkaProducer
 
 from learner.updates import DeltaAssembler, latest_snapshot, read_snapshot
+from stream.examples import example_batch, rating_example
 from stream.topics import Topics
 from stream.tools.kafka_local import free_port
 from stream.tools.scrape import scrape
@@ -29,10 +30,9 @@ def _examples(n: int, seed: int = 0) -> list[dict]:
     out = []
     for j in range(n):
         u, i = int(rng.integers(60)), int(rng.integers(40))
-        out.append({"user_id": f"u{u}", "item_id": f"i{i}", "label": float(np.clip(3 + pu[u] @ qi[i], 1, 5)),
-                    "position": None, "propensity": 1.0, "weight": 1.0, "model_version": None,
-                    "request_id": None, "ts": 1_700_000_000.0 + j, "kind": "rating",
-                    "anomalous": j % 10 == 9})
+        example = rating_example({"user_id": f"u{u}", "item_id": f"i{i}", "event_id": f"e{seed}-{j}",
+                                  "value": float(np.clip(3 + pu[u] @ qi[i], 1, 5)), "ts": 1_700_000_000.0 + j})
+        out.append({**example, "anomalous": j % 10 == 9})
     return out
 
 
@@ -148,7 +148,7 @@ def test_the_learner_publishes_its_rating_range_with_deltas_and_snapshots(tmp_pa
     learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", model="mf", n_factors=4, device="cpu",
                                       store_dir=tmp_path / "store", checkpoint_dir=tmp_path / "ckpt"))
     assert learner.model.rating_range == (1.0, 5.0)
-    learner.learn(_examples(300))
+    learner.learn(example_batch(_examples(300)))
     producer = Recorder()
     assert learner.publish_delta(producer) > 0
     learner.publish_snapshot(producer)

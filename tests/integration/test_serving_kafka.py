@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 from learner.updates import ModelRows, delta_messages, write_snapshot
 from serving.app import ServingApp
 from serving.settings import ServeSettings
+from stream.examples import rating_example
 from stream.topics import Topics
 from stream.topics import ensure_topics
 
@@ -190,9 +191,8 @@ def test_the_shadow_check_refuses_a_worse_snapshot_and_promotes_a_good_one(kafka
             for j in range(300):  # outcomes the live model predicts well, served by it
                 user, item = f"u{rng.integers(40)}", f"i{rng.integers(500)}"
                 label = float(live.predict(user, [item], "rating")[0] + rng.normal(0, 0.2))
-                example = {"user_id": user, "item_id": item, "label": label, "position": None, "propensity": 1.0,
-                           "weight": 1.0, "model_version": "mf-1", "request_id": None, "ts": time.time(),
-                           "kind": "rating", "anomalous": False}
+                example = {**rating_example({"user_id": user, "item_id": item, "value": label, "ts": time.time(),
+                                             "event_id": f"r{j}"}), "model_version": "mf-1"}
                 producer.send(topics.examples, key=user.encode(), value=orjson.dumps(example))
             producer.flush()
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from stream import events as ev
+from stream.examples import Example
 from stream.topics import Topics
 from stream.log.export import obp_frame
 from stream.producer import EventProducer
@@ -66,14 +67,17 @@ def test_sdk_events_reach_the_log_and_examples(kafka_bootstrap, worker_env):
     assert shown["propensity"].tolist() == [0.5, 0.25, 0.5 / 3]
     assert set(shown["model_version"]) == {"m1"} and set(shown["policy"]) == {"epsilon_greedy"}
 
-    examples = read_topic(kafka_bootstrap, topics.examples, 4)
-    by_item = {e["item_id"]: e for e in examples}
-    assert by_item["b"]["label"] == 1.0 and by_item["b"]["position"] == 2 and by_item["b"]["propensity"] == 0.25
-    assert by_item["a"]["label"] == 0.0 and by_item["c"]["label"] == 0.0
-    assert by_item["x"] == {**by_item["x"], "kind": "rating", "label": 4.5, "propensity": 1.0}
-    for e in examples:
-        assert set(e) >= {"user_id", "item_id", "label", "position", "propensity", "weight",
-                          "model_version", "request_id", "ts", "kind", "anomalous"}
+    messages = read_topic(kafka_bootstrap, topics.examples, 3)  # one per outcome: clicked, closed, rated
+    by_stage = {m["stage"]: m for m in messages}
+    assert sorted(by_stage) == ["clicked", "closed", "rated"]
+    for m in messages:
+        assert set(m) == set(Example.__annotations__)
+    assert (by_stage["clicked"]["event_id"], by_stage["closed"]["event_id"]) == (clk["event_id"], imp["event_id"])
+    assert by_stage["clicked"]["items"] == [{"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 1.0}]
+    assert [(i["item_id"], i["label"]) for i in by_stage["closed"]["items"]] == [("a", 0.0), ("c", 0.0)]
+    assert by_stage["rated"] == {**by_stage["rated"], "kind": "rating", "request_id": None,
+                                 "items": [{"item_id": "x", "position": None, "propensity": 1.0, "weight": 1.0,
+                                            "label": 4.5}]}
 
 
 def test_obd_sample_round_trips_through_kafka(kafka_bootstrap, worker_env, shared_data):

@@ -8,6 +8,7 @@ from learner.service import Learner
 from learner.settings import LearnerSettings
 from learner.updates import DeltaAssembler, ModelRows, delta_messages, read_snapshot, write_snapshot
 from serving.model import ServingModel
+from stream.examples import CLICKED, CLOSED, click_example, example_batch, example_rows
 
 N_USERS, N_ITEMS, RANK, SLATE = 300, 120, 3, 5
 
@@ -18,33 +19,50 @@ def learner_in(tmp_path) -> Learner:
 
 
 def position_world(seed: int, n_slates: int):
-    """Slates of 5 random items; examination 1/k at position k, attractiveness from a rank-3 model."""
+    """Slates of 5 random items; examination 1/k at position k, attractiveness from a rank-3 model.
+
+    Yields batches of 100 slates' outcome messages (``stream.examples``): per slate a ``clicked``
+    message for each clicked item and a ``closed`` one of the items nobody clicked."""
     rng = np.random.default_rng(seed)
     users, items = rng.normal(0, 0.8, (N_USERS, RANK)), rng.normal(0, 0.8, (N_ITEMS, RANK))
     item_bias = rng.normal(-1.0, 0.5, N_ITEMS)
+    slates = 0
     for _ in range(n_slates // 100):
         u = rng.integers(N_USERS, size=100).repeat(SLATE)
         i = np.concatenate([rng.choice(N_ITEMS, SLATE, replace=False) for _ in range(100)])
         k = np.tile(np.arange(1, SLATE + 1), 100)
         attractive = 1.0 / (1.0 + np.exp(-(np.einsum("ij,ij->i", users[u], items[i]) + item_bias[i])))
-        clicks = (rng.random(len(u)) < attractive / k).astype(float)
-        yield [{"user_id": f"u{a}", "item_id": f"i{b}", "label": c, "kind": "click", "position": int(p),
-                "propensity": SLATE / N_ITEMS, "ts": 0.0, "anomalous": False}
-               for a, b, c, p in zip(u, i, clicks, k)]
+        clicks = rng.random(len(u)) < attractive / k
+        batch = []
+        for s in range(0, len(u), SLATE):
+            slates += 1
+            impression = {"event_id": f"imp-{slates}", "user_id": f"u{u[s]}", "ts": 0.0, "request_id": f"r{slates}",
+                          "model_version": "m", "policy": "uniform",
+                          "items": [{"item_id": f"i{b}", "position": int(p), "propensity": SLATE / N_ITEMS}
+                                    for b, p in zip(i[s:s + SLATE], k[s:s + SLATE])]}
+            clicked = clicks[s:s + SLATE]
+            batch += [click_example(impression, [item], CLICKED, 0.0, f"clk-{slates}-{item['position']}", 50.0)
+                      for item, c in zip(impression["items"], clicked) if c]
+            if not clicked.all():
+                batch.append(click_example(impression, [item for item, c in zip(impression["items"], clicked) if not c],
+                                           CLOSED, 0.0, impression["event_id"], 50.0))
+        yield batch
 
 
 def test_predicted_ctr_per_position_is_within_10_percent_of_the_observed_after_warm_up(tmp_path):
     learner = learner_in(tmp_path)
     predicted, observed, positions = [], [], []
-    for step, batch in enumerate(position_world(seed=0, n_slates=16_000)):
+    for step, messages in enumerate(position_world(seed=0, n_slates=16_000)):
+        batch = example_batch(messages)
+        rows = batch.rows
         # what learn() does inside: the calibration of before the batch, at the shown positions
-        p = np.clip(learner.model.predict([e["user_id"] for e in batch], [e["item_id"] for e in batch], "click"),
+        p = np.clip(learner.model.predict(rows["user_id"].to_pylist(), rows["item_id"].to_pylist(), "click"),
                     1e-12, 1 - 1e-12)
-        k = np.array([e["position"] for e in batch])
+        k = rows["position"].to_numpy()
         calibrated = learner.calibration.predict(np.log(p) - np.log1p(-p), k)
-        learner.learn(batch)
+        assert learner.learn(batch) == rows.num_rows == 100 * SLATE
         if step >= 40:  # warm-up: 4000 slates
-            predicted.append(calibrated), observed.append([e["label"] for e in batch]), positions.append(k)
+            predicted.append(calibrated), observed.append(rows["label"].to_numpy()), positions.append(k)
     predicted, observed, positions = map(np.concatenate, (predicted, observed, positions))
     ratios = [predicted[positions == k].mean() / observed[positions == k].mean() for k in range(1, SLATE + 1)]
     assert all(0.9 <= r <= 1.1 for r in ratios), ratios
@@ -58,19 +76,19 @@ def test_the_uncalibrated_click_probability_misses_the_observed_ctr_per_position
     """The same world without the calibration: the test above can fail."""
     learner = learner_in(tmp_path)
     batches = list(position_world(seed=1, n_slates=6000))
-    for batch in batches[:-10]:
-        learner.learn(batch)
-    tail = [e for batch in batches[-10:] for e in batch]
-    p = learner.model.predict([e["user_id"] for e in tail], [e["item_id"] for e in tail], "click")
-    k, y = np.array([e["position"] for e in tail]), np.array([e["label"] for e in tail])
+    for messages in batches[:-10]:
+        learner.learn(example_batch(messages))
+    tail = example_rows([m for messages in batches[-10:] for m in messages])
+    p = learner.model.predict(tail["user_id"].to_pylist(), tail["item_id"].to_pylist(), "click")
+    k, y = tail["position"].to_numpy(), tail["label"].to_numpy()
     ratios = [p[k == j].mean() / y[k == j].mean() for j in range(1, SLATE + 1)]
     assert any(abs(r - 1.0) > 0.1 for r in ratios), ratios
 
 
 def test_calibration_travels_in_deltas_snapshots_and_checkpoints(tmp_path):
     learner = learner_in(tmp_path)
-    for batch in position_world(seed=2, n_slates=3000):
-        learner.learn(batch)
+    for messages in position_world(seed=2, n_slates=3000):
+        learner.learn(example_batch(messages))
     intercepts, slope = learner.click_calibration()
     assert slope != 1.0 and intercepts[0] != intercepts[3]
 

@@ -22,6 +22,14 @@ def rows(n: int) -> pa.Table:
     return pa.table({"ts": [float(k) for k in range(n)]})
 
 
+def message(n: int, *, items: int = 1) -> dict:
+    """An ``examples`` message (``stream.examples.Example``) labelling ``items`` items."""
+    return {"kind": "click", "stage": "closed", "user_id": "u", "request_id": f"r{n}", "model_version": "m",
+            "policy": "greedy", "variant": None, "ts": float(n), "anomalous": False, "event_id": f"e{n}",
+            "items": [{"item_id": f"i{k}", "position": k + 1, "propensity": 1.0, "weight": 1.0, "label": 0.0}
+                      for k in range(items)]}
+
+
 def test_docstring_example_runs() -> None:
     assert doctest.testmod(logbuffer).failed == 0
 
@@ -30,7 +38,9 @@ def test_due_by_size_before_the_interval() -> None:
     buffer = LogBuffer(flush_rows=10, flush_interval_s=60.0, clock=Clock())
     buffer.add([], rows(6), {"p0": 6})
     assert not buffer.due()
-    buffer.add([{"ts": 0.0}] * 4, rows(0), {"p0": 9})
+    buffer.add([message(0, items=1), message(1, items=2)], rows(0), {"p0": 8})
+    assert not buffer.due() and len(buffer) == 9  # rows: 6 events + 3 labelled items, not 2 messages
+    buffer.add([message(2, items=1)], rows(0), {"p0": 9})
     assert buffer.due() and len(buffer) == 10
 
 
@@ -50,13 +60,14 @@ def test_due_by_age_of_the_oldest_row() -> None:
 
 def test_take_returns_everything_in_order_and_empties() -> None:
     buffer = LogBuffer(flush_rows=1000, flush_interval_s=5.0, clock=Clock())
-    buffer.add([{"n": 1}], rows(2), {"p0": 3, "p1": 5})
-    buffer.add([{"n": 2}], rows(3), {"p0": 8})
+    first, second = message(1, items=3), message(2, items=1)
+    buffer.add([first], rows(2), {"p0": 3, "p1": 5})
+    buffer.add([second], rows(3), {"p0": 8})
     pending = buffer.take()
-    assert pending.examples == [{"n": 1}, {"n": 2}]
+    assert pending.examples == [first, second]  # the messages as they came, not flattened
     assert [t.num_rows for t in pending.events] == [2, 3]
     assert pending.offsets == {"p0": 8, "p1": 5}  # the newest offset of each partition
-    assert pending.rows == 7
+    assert pending.rows == 9  # 5 event rows + 4 labelled items
     assert len(buffer) == 0 and not buffer.due() and buffer.take().offsets == {}
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from learner import OnlineMF
 from stream.events import encode
+from stream.examples import CLICKED, CLOSED, example_rows
 from stream.files import sha256_file
 from stream.worker.pipeline import IngestPipeline, Record
 from tests.traffic import TASTE_A, TASTE_B, taste_fans, taste_slates
@@ -305,13 +306,16 @@ def test_ips_correction_ranks_relevant_items_better_than_raw_clicks():
 
 
 def joined(events: list[dict], pipeline: IngestPipeline) -> list[dict]:
-    """The click examples the worker's pipeline makes of ``events`` arriving one by one: a positive
-    when its click arrives, a slate's negatives when event time passes the end of its window."""
-    out = []
+    """The labelled items of the click examples the worker's pipeline makes of ``events`` arriving
+    one by one, a row each in message order (``example_rows``): a ``clicked`` positive when its
+    click arrives, a slate's ``closed`` negatives when event time passes the end of its window."""
+    messages = []
     for offset, event in enumerate(events):
-        out += pipeline.process([Record(encode(event), partition=0, offset=offset)]).examples
+        messages += pipeline.process([Record(encode(event), partition=0, offset=offset)]).examples
     joiner = pipeline.partition(0).joiner
-    return out + joiner.advance(events[-1]["ts"] + 10 * joiner.window_s)
+    messages += joiner.advance(events[-1]["ts"] + 10 * joiner.window_s)
+    assert {m["stage"] for m in messages} == {CLICKED, CLOSED}
+    return example_rows(messages).to_pylist()
 
 
 @pytest.mark.parametrize("batch", [1, 64, 512])

@@ -1,5 +1,8 @@
 """Outcome keys and the learner's window of them: each outcome trained once (issue 19, item 7).
 
+One key per outcome message (``stream.examples.outcome_key(kind, stage, event_id)``): a message
+sent again is dropped whole, every item with it.
+
 The end-to-end check, a worker SIGKILLed mid-stream on the real broker, is
 tests/integration/test_learner_exactly_once.py.
 """
@@ -9,26 +12,31 @@ import subprocess
 import sys
 
 import numpy as np
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
 from learner.outcomes import OutcomeWindow
 from learner.service import Learner
 from learner.settings import LearnerSettings
-from stream.examples import NEGATIVE, POSITIVE, click_examples, outcome_key, rating_example
+from stream.examples import (CLICKED, CLOSED, SHOWN, Example, click_example, count_rows, decode_examples,
+                             example_batch, outcome_key, rating_example)
 
 pytestmark = pytest.mark.hardening
 
 
-def test_a_key_is_the_outcome_the_same_in_every_process():
-    key = outcome_key("click", "e1", "a")
+def test_a_key_is_the_outcome_message_the_same_in_every_process():
+    key = outcome_key("click", "closed", "e1")
     assert 0 <= key < 2**63
     other = subprocess.run([sys.executable, "-c", "from stream.examples import outcome_key; "
-                            "print(outcome_key('click', 'e1', 'a'))"], capture_output=True, text=True, check=True)
+                            "print(outcome_key('click', 'closed', 'e1'))"], capture_output=True, text=True, check=True)
     assert int(other.stdout) == key  # unlike hash(), stable across restarts (PYTHONHASHSEED)
-    distinct = {key, outcome_key("rating", "e1", "a"), outcome_key("click", "e2", "a"), outcome_key("click", "e1", "b"),
-                outcome_key("click", "e1\x1fa", ""), outcome_key("click", "e1", "a\x1f")}
-    assert len(distinct) == 6
+    # kind, stage and event each count, and no two triples that concatenate alike share a key
+    distinct = {key, outcome_key("rating", "closed", "e1"), outcome_key("click", "shown", "e1"),
+                outcome_key("click", "clicked", "e1"), outcome_key("click", "closed", "e2"),
+                outcome_key("click", "close", "de1"), outcome_key("click", "closede1", ""),
+                outcome_key("clickclosed", "", "e1"), outcome_key("click", "closed", "e1\x1f")}
+    assert len(distinct) == 9
 
 
 def test_the_window_counts_duplicates_inside_a_batch_and_across_batches():
@@ -92,6 +100,10 @@ def _counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def _duplicates() -> float:
+    return _counter("streamrec_learner_duplicates_total")
+
+
 def _learner(root) -> Learner:
     return Learner(LearnerSettings(bootstrap_servers="unused:9092", n_factors=4, device="cpu",
                                    store_dir=root / "store", checkpoint_dir=root / "ckpt",
@@ -104,32 +116,82 @@ def _slate(n: int, t: float) -> dict:
                                            for k in range(5)]}
 
 
-def _outcomes(first: int, last: int) -> list[dict]:
-    """Per slate: a click on its first item, the other four as negatives, and a rating."""
-    out = []
+def _clicked(slate: dict, n: int) -> Example:
+    """The ``clicked`` message of a click on the slate's first item."""
+    return click_example(slate, slate["items"][:1], CLICKED, slate["ts"] + 1, f"clk-{n}", 50.0)
+
+
+def _closed(slate: dict) -> Example:
+    """The ``closed`` message of the slate's other four items, when its window closed."""
+    return click_example(slate, slate["items"][1:], CLOSED, slate["ts"], slate["event_id"], 50.0)
+
+
+def _outcomes(first: int, last: int) -> list[Example]:
+    """Per slate three messages, six labelled items: a ``clicked`` of its first item, the ``closed``
+    of the other four, and a rating."""
+    out: list[Example] = []
     for n in range(first, last):
         slate = _slate(n, 1_750_000_000.0 + n)
-        out += click_examples(slate, slate["items"][:1], POSITIVE, slate["ts"] + 1, f"clk-{n}", 50.0)
-        out += click_examples(slate, slate["items"][1:], NEGATIVE, slate["ts"], slate["event_id"], 50.0)
-        out.append(rating_example({"event_id": f"rat-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n % 5}",
-                                   "value": 4.0, "ts": slate["ts"]}))
+        out += [_clicked(slate, n), _closed(slate),
+                rating_example({"event_id": f"rat-{n}", "user_id": f"u{n % 7}", "item_id": f"i{n % 5}",
+                                "value": 4.0, "ts": slate["ts"]})]
     return out
 
 
 def test_the_learner_trains_each_outcome_once_and_remembers_across_a_restart(tmp_path):
     learner = _learner(tmp_path)
-    before = _counter("streamrec_learner_duplicates_total")
-    first = _outcomes(0, 40)                              # 40 x 6 outcomes
-    assert learner.learn(first[:150]) == 150
-    assert learner.learn(first[100:]) == len(first) - 150  # 50 re-sent, skipped
-    assert _counter("streamrec_learner_duplicates_total") - before == 50
+    before = _duplicates()
+    first = _outcomes(0, 40)                              # 40 x 3 messages, 40 x 6 items
+    assert learner.learn(example_batch(first[:75])) == count_rows(first[:75])
+    assert learner.learn(example_batch(first[51:])) == count_rows(first[75:])  # 8 slates re-sent, skipped
+    assert _duplicates() - before == count_rows(first[51:75]) == 8 * 6
+    assert len(learner.outcomes) == len(first)           # one key per message, not per item
     unkeyed = [{k: v for k, v in e.items() if k != "event_id"} for e in first[:3]]
-    assert learner.learn(unkeyed) == 3                    # no identity: trained, as before keys existed
+    assert learner.learn(example_batch(unkeyed)) == count_rows(unkeyed)  # no identity: trained, as before keys
+    assert _duplicates() - before == 48
 
     learner.checkpoint()
     restarted = _learner(tmp_path)
     assert len(restarted.outcomes) == len(first)
     second = _outcomes(40, 50)
-    assert restarted.learn(first[-30:] + second + second[:5]) == len(second)
-    assert _counter("streamrec_learner_duplicates_total") - before == 50 + 30 + 5
+    resent = first[-30:] + second + second[:5]
+    assert restarted.learn(example_batch(resent)) == count_rows(second)
+    assert _duplicates() - before == 48 + count_rows(first[-30:]) + count_rows(second[:5])
     assert _counter("streamrec_learner_outcome_keys") == len(first) + len(second)
+
+
+def test_a_resent_closed_message_is_dropped_whole(tmp_path):
+    learner = _learner(tmp_path)
+    slate = _slate(1, 1_750_000_000.0)
+    assert learner.learn(example_batch([_clicked(slate, 1), _closed(slate)])) == 5
+    trained, before = dict(learner.model.n_examples), _duplicates()
+    assert learner.learn(example_batch([_closed(slate)])) == 0
+    assert _duplicates() - before == 4                    # every item of the message, counted per item
+    assert learner.model.n_examples == trained            # nothing of it reached the model
+
+
+def test_the_clicked_and_the_closed_of_one_slate_are_both_trained(tmp_path):
+    learner = _learner(tmp_path)
+    before = _duplicates()
+    slate, other = _slate(1, 1_750_000_000.0), _slate(2, 1_750_000_000.0)
+    assert learner.learn(example_batch([_clicked(slate, 1)])) == 1
+    assert learner.learn(example_batch([_closed(slate)])) == 4     # the slate's, later: not the click's
+    assert learner.learn(example_batch([_closed(other), _clicked(other, 2)])) == 5  # in one batch, either order
+    # the provisional ``shown`` of a slate and its ``closed`` share the impression's event: the stage tells them apart
+    shown = click_example(other, other["items"], SHOWN, other["ts"], other["event_id"], 50.0)
+    assert learner.learn(example_batch([shown])) == 5
+    assert _duplicates() == before
+    assert len(learner.outcomes) == 5
+
+
+def test_a_message_repeated_inside_one_batch_is_trained_once(tmp_path):
+    learner = _learner(tmp_path)
+    before = _duplicates()
+    slate = _slate(1, 1_750_000_000.0)
+    clicked, closed = _clicked(slate, 1), _closed(slate)
+    # as Kafka delivers them: JSON, decoded in columns
+    batch = decode_examples([orjson.dumps(m) for m in (closed, clicked, closed, clicked, closed)])
+    assert batch.malformed == 0 and batch.rows.num_rows == 4 + 1 + 4 + 1 + 4
+    assert learner.learn(batch) == 5
+    assert _duplicates() - before == 4 + 1 + 4
+    assert learner.model.n_examples["click"] == 5

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from stream.examples import example_rows
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.worker.pipeline import IngestPipeline, Record
-from tests.unit.test_pipeline import T, clk, imp, rat, raw, summary
+from tests.unit.test_pipeline import T, clk, imp, rat, raw, stages, summary
 
 GROUP, TOPIC = "g", "events"
 
@@ -21,7 +22,7 @@ def flush(log: DeltaLog, result, offsets: dict[int, int]) -> None:
     """What the worker's flush does: events, then examples, each with the partitions' last offsets."""
     recorded = {(TOPIC, p): o for p, o in offsets.items()}
     log.append(EVENTS, result.log_table, recorded, GROUP)
-    log.append(EXAMPLES, result.examples, recorded, GROUP)
+    log.append(EXAMPLES, example_rows(result.examples), recorded, GROUP)
 
 
 @pytest.mark.hardening  # issue 19, item 1: the watermark is per partition
@@ -34,8 +35,10 @@ def test_a_lagging_partition_keeps_its_slates_open_while_another_moves_on():
     assert summary(moved_on.examples) == [("rating", "", "z", 1.0)]
     late_but_not_for_p0 = p.process([at(0, 1, clk("c0", "r0", "a", T + 30))])
     assert late_but_not_for_p0.join_outcomes == {"matched": 1}
+    assert stages(late_but_not_for_p0.examples) == [("clicked", "r0", ("a",))]
     closed = p.process([at(0, 2, rat("y", "z", 1.0, T + 61))])
     assert ("click", "r0", "b", 0.0) in summary(closed.examples)
+    assert stages(closed.examples) == [("closed", "r0", ("b",)), ("rated", "", ("z",))]
 
 
 def test_dedupe_is_per_partition_and_tick_closes_each_idle_partition():
@@ -108,4 +111,5 @@ def test_revoke_drops_the_partition_and_reassignment_restores_it(tmp_path):
     again = p.process([at(0, 2, clk("c1", "r0", "a", T + 2)), at(0, 3, rat("y", "z", 1.0, T + 601))])
     assert again.join_outcomes == {"duplicate_click": 1}
     assert ("click", "r0", "b", 0.0) in summary(again.examples)
+    assert stages(again.examples) == [("closed", "r0", ("b",)), ("rated", "", ("z",))]
     assert p.partition(0).last_event_ts == T + 601

@@ -7,9 +7,11 @@ import base64
 import json
 import time
 
+import pyarrow as pa
 import pytest
 from prometheus_client import REGISTRY
 
+from stream.examples import example_rows
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.worker.pipeline import IngestPipeline, Record
 
@@ -46,13 +48,25 @@ def records(*values: bytes | dict, partition: int = 0, start: int = 0) -> list[R
             for k, v in enumerate(values)]
 
 
-def by_item(examples) -> dict[str, dict]:
+def item_rows(examples) -> list[dict]:
+    """One dict per labelled item of the messages ``examples``: the header and the item's fields."""
+    return example_rows(list(examples)).to_pylist()
+
+
+def by_item(examples) -> dict[tuple[str, str], dict]:
+    """The item rows of ``examples`` by (request_id, item_id), ratings by ("rating", item_id)."""
     return {(e["request_id"], e["item_id"]) if e["kind"] == "click" else ("rating", e["item_id"]): e
-            for e in examples}
+            for e in item_rows(examples)}
 
 
 def summary(examples) -> list[tuple]:
-    return sorted((e["kind"], e["request_id"] or "", e["item_id"], e["label"]) for e in examples)
+    """(kind, request_id, item_id, label) of every labelled item of ``examples``, sorted."""
+    return sorted((e["kind"], e["request_id"] or "", e["item_id"], e["label"]) for e in item_rows(examples))
+
+
+def stages(examples) -> list[tuple]:
+    """(stage, request_id, item ids) of every message of ``examples``, sorted: how they are framed."""
+    return sorted((e["stage"], e["request_id"] or "", tuple(i["item_id"] for i in e["items"])) for e in examples)
 
 
 def sample(name: str, **labels) -> float:
@@ -91,9 +105,9 @@ class FakeDetector:
 
 
 def write_result(log: DeltaLog, result) -> None:
-    """What the worker does with a batch result: examples and event rows into the log."""
+    """What the worker does with a batch result: event rows and the examples' item rows into the log."""
     log.append(EVENTS, result.log_table)
-    log.append(EXAMPLES, result.examples)
+    log.append(EXAMPLES, example_rows(result.examples))
 
 
 # -- dead letters ---------------------------------------------------------------------------------
@@ -157,6 +171,7 @@ def test_every_dlq_reason_in_a_mixed_batch():
     assert offsets == {"g1": (4, 100), "g2": (4, 105), "g3": (4, 111)}
     assert len(result.log_table.to_pylist()) == 4  # two rows for the impression, one each for click and rating
     assert summary(result.examples) == [("click", "r1", "b", 1.0), ("rating", "", "z", 3.5)]
+    assert stages(result.examples) == [("clicked", "r1", ("b",)), ("rated", "", ("z",))]
     for r in reasons:
         assert sample("streamrec_dlq_total", reason=r) == before[r] + 1
 
@@ -203,6 +218,7 @@ def test_duplicates_counted_and_not_logged():
     assert second.log_table.num_rows == 0 and second.examples == []
     assert second.join_outcomes == {}
     assert len(first.examples) == 1
+    assert stages(first.examples) == [("clicked", "r1", ("a",))]
     assert sample("streamrec_duplicates_total") == dup_before + 3
 
 
@@ -224,9 +240,11 @@ def test_click_join_and_outcomes():
                                     "item_not_shown": 1, "late_click": 1}
     # the late click's ts moved event time past T + 60, so the slate closed in this batch: a is a negative
     assert summary(result.examples) == [("click", "r1", "a", 0.0), ("click", "r1", "b", 1.0)]
+    assert stages(result.examples) == [("clicked", "r1", ("b",)), ("closed", "r1", ("a",))]
     ex = by_item(result.examples)[("r1", "b")]
     assert (ex["item_id"], ex["label"], ex["position"], ex["propensity"], ex["weight"]) == ("b", 1.0, 2, 0.01, 50.0)
     assert (ex["model_version"], ex["policy"], ex["ts"], ex["event_id"]) == ("m1", "epsilon_greedy", T + 3, "c1")
+    assert ex["stage"] == "clicked"
     assert result.accepted == 6
     assert len(result.log_table.to_pylist()) == 7  # every accepted click is logged, joined or not
 
@@ -238,6 +256,9 @@ def test_negatives_emitted_when_event_time_passes_window():
     assert p.process(records(rat("x1", "z", 1.0, T + 60), start=2)).examples[1:] == []
     result = p.process(records(rat("x2", "z", 1.0, T + 60.5), start=3))
     assert summary(result.examples) == [("click", "r1", "a", 0.0), ("click", "r1", "c", 0.0), ("rating", "", "z", 1.0)]
+    assert stages(result.examples) == [("closed", "r1", ("a", "c")), ("rated", "", ("z",))]
+    (closed,) = [e for e in result.examples if e["stage"] == "closed"]
+    assert (closed["ts"], closed["event_id"], closed["user_id"]) == (T, "i1", "u1")
     negs = by_item(result.examples)
     assert (negs[("r1", "a")]["position"], negs[("r1", "a")]["weight"], negs[("r1", "a")]["ts"]) == (1, 2.0, T)
     assert (negs[("r1", "c")]["position"], negs[("r1", "c")]["propensity"]) == (3, 1.0)
@@ -247,11 +268,11 @@ def test_rating_becomes_example_directly():
     """A rating is an example at once: kind rating, label = value, propensity 1, weight 1, no slate fields."""
     result = IngestPipeline().process(records(rat("r1", "movie", 4, T + 0.25, user_id="u7")))
     assert result.examples == [{
-        "user_id": "u7", "item_id": "movie", "label": 4.0, "position": None, "propensity": 1.0,
-        "weight": 1.0, "model_version": None, "request_id": None, "ts": T + 0.25, "kind": "rating",
-        "anomalous": False, "policy": None, "event_id": "r1", "variant": None,
+        "kind": "rating", "stage": "rated", "user_id": "u7", "request_id": None, "model_version": None,
+        "policy": None, "variant": None, "ts": T + 0.25, "anomalous": False, "event_id": "r1",
+        "items": [{"item_id": "movie", "position": None, "propensity": 1.0, "weight": 1.0, "label": 4.0}],
     }]
-    assert isinstance(result.examples[0]["label"], float)
+    assert isinstance(result.examples[0]["items"][0]["label"], float)
 
 
 def test_example_metric_labels():
@@ -263,6 +284,28 @@ def test_example_metric_labels():
                       rat("x", "z", 2.0, T + 20)))
     after = {n: sample("streamrec_examples_total", kind=n[0], label=n[1]) for n in names}
     assert {n: after[n] - before[n] for n in names} == {names[0]: 1, names[1]: 1, names[2]: 1}
+
+
+def test_example_metric_counts_labelled_items_not_messages(clock):
+    """streamrec_examples_total counts labelled items: a ``closed`` message of 3 unclicked items
+    adds 3 to negative, whether the batch or the idle timer closes the slate."""
+    names = [("rating", "rating"), ("click", "positive"), ("click", "negative")]
+
+    def counts() -> dict:
+        return {n: sample("streamrec_examples_total", kind=n[0], label=n[1]) for n in names}
+
+    p = IngestPipeline(attribution_window_s=10, idle_grace_s=1, clock=clock)
+    before = counts()
+    result = p.process(records(
+        imp("i1", "r1", T, [("a", 1.0), ("b", 0.5), ("c", 0.5), ("d", 0.25)]), clk("c1", "r1", "a", T + 1),
+        imp("i2", "r2", T + 15, [("x", 1.0), ("y", 1.0), ("z", 1.0)]), rat("x1", "q", 2.0, T + 20)))
+    assert stages(result.examples) == [("clicked", "r1", ("a",)), ("closed", "r1", ("b", "c", "d")),
+                                       ("rated", "", ("q",))]
+    after = counts()
+    assert {n: after[n] - before[n] for n in names} == {names[0]: 1, names[1]: 1, names[2]: 3}
+    clock.now += 100
+    assert stages(p.tick().examples) == [("closed", "r2", ("x", "y", "z"))]
+    assert sample("streamrec_examples_total", kind="click", label="negative") == after[names[2]] + 3
 
 
 # -- tick -----------------------------------------------------------------------------------------
@@ -277,7 +320,9 @@ def test_tick_closes_slates_after_idle_grace(clock):
     clock.now += 55.1                         # idle 60 s: watermark T + 1 + 60 > T + 60
     result = p.tick()
     assert summary(result.examples) == [("click", "r1", "b", 0.0)]
-    assert result.examples[0]["weight"] == 4.0
+    assert stages(result.examples) == [("closed", "r1", ("b",))]
+    assert result.examples[0]["items"][0]["weight"] == 4.0
+    assert (result.examples[0]["ts"], result.examples[0]["event_id"]) == (T, "i1")
     assert p.open_slates == 0
     clock.now += 100
     assert p.tick().examples == []            # closed once
@@ -291,7 +336,9 @@ def test_tick_waits_for_idle_grace_even_when_window_passed(clock):
     assert p.tick().examples == []
     assert p.open_slates == 1
     clock.now += 0.1
-    assert summary(p.tick().examples) == [("click", "r1", "a", 0.0)]
+    closed = p.tick().examples
+    assert summary(closed) == [("click", "r1", "a", 0.0)]
+    assert stages(closed) == [("closed", "r1", ("a",))]
 
 
 def test_tick_does_not_close_before_window(clock):
@@ -302,7 +349,9 @@ def test_tick_does_not_close_before_window(clock):
     assert p.tick().examples == []
     assert p.open_slates == 1
     clock.now += 0.5
-    assert summary(p.tick().examples) == [("click", "r1", "a", 0.0)]
+    closed = p.tick().examples
+    assert summary(closed) == [("click", "r1", "a", 0.0)]
+    assert stages(closed) == [("closed", "r1", ("a",))]
 
 
 def test_tick_without_events_does_nothing(clock):
@@ -320,7 +369,9 @@ def test_tick_with_real_clock():
     p = IngestPipeline(attribution_window_s=0.05, idle_grace_s=0.01)
     p.process(records(imp("i1", "r1", T, [("a", 0.5)])))
     time.sleep(0.2)
-    assert summary(p.tick().examples) == [("click", "r1", "a", 0.0)]
+    closed = p.tick().examples
+    assert summary(closed) == [("click", "r1", "a", 0.0)]
+    assert stages(closed) == [("closed", "r1", ("a",))]
 
 
 # -- anomaly flags --------------------------------------------------------------------------------
@@ -342,11 +393,14 @@ def test_examples_of_flagged_users_are_marked_anomalous(clock):
     ))
     assert det.batches == [["i1", "i2", "c1", "c2", "x1", "x2"]]
     assert result.anomalies == [{"entity": "user:bad", "score": 9.0}]
-    flags = {(e["user_id"], e["kind"]): e["anomalous"] for e in result.examples}
-    assert flags == {("bad", "click"): True, ("good", "click"): False, ("bad", "rating"): True, ("good", "rating"): False}
+    flags = {(e["user_id"], e["stage"]): e["anomalous"] for e in result.examples}
+    assert flags == {("bad", "clicked"): True, ("good", "clicked"): False, ("bad", "rated"): True, ("good", "rated"): False}
+    assert len(result.examples) == 4
     clock.now += 100
     negs = p.tick().examples
-    assert sorted((e["user_id"], e["item_id"], e["anomalous"]) for e in negs) == [("bad", "b", True), ("good", "b", False)]
+    assert stages(negs) == [("closed", "r1", ("b",)), ("closed", "r2", ("b",))]
+    assert sorted((e["user_id"], e["item_id"], e["anomalous"]) for e in item_rows(negs)) == [
+        ("bad", "b", True), ("good", "b", False)]
     assert sample("streamrec_examples_flagged_anomalous_total") == flagged_before + 3
 
 
@@ -373,9 +427,11 @@ def first_run(log: DeltaLog) -> tuple[list[Record], IngestPipeline]:
     batch2 = records(clk("c1", "r1", "b", T + 10), rat("x1", "z", 3.0, T + 20), start=2)
     r1 = p.process(batch1)
     assert summary(r1.examples) == [("click", "r0", "x", 0.0), ("click", "r0", "y", 0.0)]
+    assert stages(r1.examples) == [("closed", "r0", ("x", "y"))]
     write_result(log, r1)
     r2 = p.process(batch2)
     assert summary(r2.examples) == [("click", "r1", "b", 1.0), ("rating", "", "z", 3.0)]
+    assert stages(r2.examples) == [("clicked", "r1", ("b",)), ("rated", "", ("z",))]
     write_result(log, r2)
     return batch1 + batch2, p
 
@@ -406,6 +462,7 @@ def test_restore_closes_open_slates_with_right_negatives(tmp_path):
     p2.restore(log)
     assert p2.process(records(rat("y1", "z", 1.0, T + 1800, user_id="u2"), start=10)).examples[1:] == []
     result = p2.process(records(rat("y2", "z", 1.0, T + 1800.5, user_id="u2"), start=11))
+    assert stages(result.examples) == [("closed", "r1", ("a", "c")), ("rated", "", ("z",))]
     negs = by_item(e for e in result.examples if e["kind"] == "click")
     assert sorted(negs) == [("r1", "a"), ("r1", "c")]
     a, c = negs[("r1", "a")], negs[("r1", "c")]
@@ -425,9 +482,11 @@ def test_restore_keeps_clicked_pairs_and_accepts_new_clicks(tmp_path):
     result = p2.process(records(clk("c2", "r1", "b", T + 30), clk("c3", "r1", "a", T + 40), start=10))
     assert result.join_outcomes == {"duplicate_click": 1, "matched": 1}
     assert summary(result.examples) == [("click", "r1", "a", 1.0)]
-    assert result.examples[0]["weight"] == 2.0
+    assert stages(result.examples) == [("clicked", "r1", ("a",))]
+    assert result.examples[0]["items"][0]["weight"] == 2.0
     later = p2.process(records(rat("y2", "z", 1.0, T + 2000), start=12))
     assert summary(e for e in later.examples if e["kind"] == "click") == [("click", "r1", "c", 0.0)]
+    assert stages(e for e in later.examples if e["kind"] == "click") == [("closed", "r1", ("c",))]
 
 
 def test_restore_then_tick_closes_slates(tmp_path, clock):
@@ -437,7 +496,9 @@ def test_restore_then_tick_closes_slates(tmp_path, clock):
     p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800, idle_grace_s=1, clock=clock)
     p2.restore(log)
     clock.now += 1790.0           # watermark T + 20 + 1790 = T + 1810 > T + 1800
-    assert summary(p2.tick().examples) == [("click", "r1", "a", 0.0), ("click", "r1", "c", 0.0)]
+    closed = p2.tick().examples
+    assert summary(closed) == [("click", "r1", "a", 0.0), ("click", "r1", "c", 0.0)]
+    assert stages(closed) == [("closed", "r1", ("a", "c"))]
 
 
 def test_restore_does_not_reemit_negatives_of_slates_closed_by_tick(tmp_path, clock):
@@ -448,12 +509,38 @@ def test_restore_does_not_reemit_negatives_of_slates_closed_by_tick(tmp_path, cl
     clock.now += 100
     closed = p1.tick()
     assert summary(closed.examples) == [("click", "r1", "a", 0.0), ("click", "r1", "b", 0.0)]
+    assert stages(closed.examples) == [("closed", "r1", ("a", "b"))]
     write_result(log, closed)
+    assert sorted(log.read(EXAMPLES, columns=["stage", "item_id"]).itertuples(index=False, name=None)) == [
+        ("closed", "a"), ("closed", "b")]
 
     p2 = IngestPipeline(attribution_window_s=60, idle_grace_s=1)
     p2.restore(log)
     result = p2.process(records(rat("x", "z", 1.0, T + 500), start=1))
     assert summary(result.examples) == [("rating", "", "z", 1.0)]
+
+
+def test_restore_reads_rows_logged_before_stages(tmp_path, clock):
+    """Rows logged before the ``stage`` column have a null stage: a label-0 row still marks its
+    slate closed (no duplicate negatives), a label-1 row is only a click (the slate stays open)."""
+    log = DeltaLog(tmp_path)
+    p1 = IngestPipeline(attribution_window_s=60, idle_grace_s=1, clock=clock)
+    first = p1.process(records(imp("i1", "r1", T, [("a", 0.5), ("b", 0.5)]),
+                               imp("i2", "r2", T + 50, [("x", 0.5), ("y", 0.5)]), clk("c1", "r2", "x", T + 55)))
+    log.append(EVENTS, first.log_table)
+    clock.now += 20  # idle: watermark T + 75 closes r1 (deadline T + 60), not r2 (T + 110)
+    closed = p1.tick()
+    assert stages(first.examples + closed.examples) == [("clicked", "r2", ("x",)), ("closed", "r1", ("a", "b"))]
+    rows = example_rows(first.examples + closed.examples)
+    legacy = rows.set_column(rows.schema.get_field_index("stage"), "stage", pa.nulls(rows.num_rows, pa.string()))
+    log.append(EXAMPLES, legacy)
+    assert log.read(EXAMPLES, columns=["stage"])["stage"].isna().all()
+
+    p2 = IngestPipeline(attribution_window_s=60, idle_grace_s=1)
+    assert p2.restore(log) == {"events": 3, "open_slates": 1}  # r2 only: r1's label-0 rows closed it
+    assert p2.process(records(clk("c2", "r2", "x", T + 56), start=3)).join_outcomes == {"duplicate_click": 1}
+    result = p2.process(records(rat("z1", "z", 1.0, T + 111), start=4))
+    assert stages(result.examples) == [("closed", "r2", ("y",)), ("rated", "", ("z",))]
 
 
 def test_click_on_slate_closed_before_restart_is_late_not_orphan(tmp_path):
@@ -478,4 +565,5 @@ def test_a_restored_slate_keeps_its_ab_variant(tmp_path):
     p2.restore(log)
     result = p2.process(records(rat("y9", "z", 1.0, T + 2000), start=5))
     negatives = [e for e in result.examples if e["kind"] == "click"]
-    assert len(negatives) == 2 and {e["variant"] for e in negatives} == {"control"}
+    assert stages(negatives) == [("closed", "rv", ("a", "b"))]
+    assert {e["variant"] for e in item_rows(negatives)} == {"control"}
