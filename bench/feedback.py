@@ -52,7 +52,7 @@ def learns(feedback: str, every_s: float, seed: int, batch: int = 64) -> tuple[b
     with tempfile.TemporaryDirectory() as root:
         learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", n_factors=8, device="cpu",
                                           store_dir=Path(root) / "store", checkpoint_dir=Path(root) / "ckpt",
-                                          outcome_window_s=2 * WINDOW_S))
+                                          attribution_window_s=WINDOW_S))
         for start in range(0, len(examples), batch):
             learner.learn(example_batch(examples[start:start + batch]))
     model, ids = learner.model, learner.model.items.ids

@@ -16,7 +16,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
     settings.topic_prefix = args.topic_prefix
     for name in ("model", "n_factors", "device", "batch_size", "batch_timeout_s", "publish_interval_s",
                  "snapshot_interval_s", "checkpoint_interval_s", "web_port", "web_host", "outcome_window_s",
-                 "outcome_keys_max"):
+                 "outcome_keys_max", "attribution_window_s"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
@@ -60,9 +60,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--publish-interval-s", type=float, default=None, help=f"seconds between deltas (default {d.publish_interval_s})")
     p.add_argument("--snapshot-interval-s", type=float, default=None, help=f"seconds between snapshots (default {d.snapshot_interval_s})")
     p.add_argument("--checkpoint-interval-s", type=float, default=None, help=f"seconds between checkpoints (default {d.checkpoint_interval_s})")
+    p.add_argument("--attribution-window-s", type=float, default=None,
+                   help="the worker's click attribution window: under its 'immediate' feedback a shown item's "
+                        f"label is final this long after its slate (default {d.attribution_window_s:.0f})")
     p.add_argument("--outcome-window-s", type=float, default=None,
                    help="seconds of event time an outcome is remembered, so that a copy re-sent by a restarted "
-                        f"worker is not trained twice (default: the attribution window + 600 = {d.outcome_window_s:.0f})")
+                        f"worker is not trained twice (default: the attribution window + 600 = {d.outcome_retention_s:.0f})")
     p.add_argument("--outcome-keys-max", type=int, default=None,
                    help=f"the most outcomes remembered at once, about 45 bytes each (default {d.outcome_keys_max})")
     p.add_argument("--store-dir", default=None, help=f"model store (default {d.store_dir})")

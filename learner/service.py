@@ -123,7 +123,7 @@ class Learner:
         self.topics = Topics(settings.topic_prefix)
         self.checkpointer = Checkpointer(settings.checkpoint_dir)
         restored = self.checkpointer.load()
-        self.outcomes = OutcomeWindow(settings.outcome_window_s, settings.outcome_keys_max)
+        self.outcomes = OutcomeWindow(settings.outcome_retention_s, settings.outcome_keys_max)
         if restored is None:
             self.model = OnlineMF(n_factors=settings.n_factors, rating_range=settings.rating_range,
                                   device=settings.device, seed=0)
@@ -141,7 +141,7 @@ class Learner:
         self.quality = {CLICK: ClickQuality(settings.rmse_window), RATING: RatingQuality(settings.rmse_window)}
         self.calibration = PositionCalibration()
         # The shown items of the ``immediate`` protocol, until their labels are final.
-        self.final_labels: FinalLabels[list] = FinalLabels(settings.outcome_window_s)  # of [logit, position]
+        self.final_labels: FinalLabels[list] = FinalLabels(settings.attribution_window_s)  # of [logit, position]
         if state.get("click_calibration"):  # the fitted parameters survive; the window refills
             self.calibration.load_state(state["click_calibration"])
         self._touched_users: set[str] = set()

@@ -47,9 +47,20 @@ class LearnerSettings:
     store_dir: Path = field(default_factory=lambda: Path(env("MODEL_STORE", str(state_dir() / "models"))))
     checkpoint_dir: Path = field(default_factory=lambda: Path(env("CHECKPOINT_DIR", str(state_dir() / "learner"))))
     rmse_window: int = field(default_factory=lambda: env_int("RMSE_WINDOW", 10_000))
-    # Outcome keys (learner.outcomes): seconds of event time each is remembered, and the most kept
-    outcome_window_s: float = field(default_factory=lambda: env_float(
-        "OUTCOME_WINDOW_S", StreamSettings().attribution_window_s + OUTCOME_MARGIN_S))
+    # The worker's attribution window: under its ``immediate`` feedback protocol a shown item's
+    # label is final this long after its slate (learner.feedback).
+    attribution_window_s: float = field(default_factory=lambda: StreamSettings().attribution_window_s)
+    # Outcome keys (learner.outcomes): seconds of event time each is remembered (None: the
+    # attribution window + OUTCOME_MARGIN_S), and the most kept
+    outcome_window_s: float | None = field(
+        default_factory=lambda: float(env("OUTCOME_WINDOW_S", "")) if env("OUTCOME_WINDOW_S", "") else None)
     outcome_keys_max: int = field(default_factory=lambda: env_int("OUTCOME_KEYS_MAX", 4_000_000))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("LEARNER_WEB_PORT", 6067))
+
+    @property
+    def outcome_retention_s(self) -> float:
+        """Seconds of event time an outcome key is remembered (``outcome_window_s`` or its default)."""
+        if self.outcome_window_s is not None:
+            return self.outcome_window_s
+        return self.attribution_window_s + OUTCOME_MARGIN_S

@@ -92,7 +92,7 @@ def _immediate_world(seed: int, n_slates: int, slate: int = 5, n_users: int = 20
 
 
 def test_the_learner_scores_each_shown_item_once_with_its_final_label_and_stays_calibrated(tmp_path):
-    learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", n_factors=8, device="cpu", outcome_window_s=60,
+    learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", n_factors=8, device="cpu", attribution_window_s=60,
                                       checkpoint_dir=tmp_path / "ckpt", store_dir=tmp_path / "store", rmse_window=5000))
     shown = clicks = 0
     for messages in _immediate_world(seed=1, n_slates=12_000):
