@@ -3,7 +3,9 @@
 A worker that restarts must not start blind (cold forests and likelihoods raise no alarm for
 their first scorings), so it saves the detector's learned state: both forests
 (``RandomCutForest.save``, .npz without pickle), both anomaly likelihoods, the flagged users and
-when each entity was last scored. The windows come back from the log instead (``stream.anomaly.detector``).
+when each entity was last scored in each source partition. These are the worker's, one folder per
+worker; the windows belong to the partitions and come back from the log instead
+(``stream.anomaly.detector``).
 
 A checkpoint is a folder: one file per part under a fresh name, each written to a temporary
 file and renamed, then ``manifest.json`` (replaced atomically, so it is the commit point) naming
@@ -25,7 +27,7 @@ from stream.anomaly.forest import RandomCutForest
 from stream.anomaly.likelihood import AnomalyLikelihood
 from stream.files import atomic_write, sha256_file
 
-CHECKPOINT_FORMAT = "streamrec.detector/2"  # 2: likelihoods instead of thresholds
+CHECKPOINT_FORMAT = "streamrec.detector/3"  # 2: likelihoods instead of thresholds; 3: scoring times per partition
 MANIFEST = "manifest.json"
 # Files of a checkpoint folder that its manifest does not name are removed once they are this old:
 # younger ones may belong to a save in progress (in another worker, when workers share the folder).
@@ -41,7 +43,7 @@ class DetectorSnapshot:
     forests: dict[str, RandomCutForest]
     likelihoods: dict[str, dict[str, Any]]  # kind -> AnomalyLikelihood.state()
     flagged: list[str]
-    scored: dict[str, dict[str, float]]  # kind -> entity -> event time of its latest score
+    scored: dict[str, dict[int, dict[str, float]]]  # kind -> partition -> entity -> event time of its latest score
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the checkpoint to ``directory``: the parts under fresh names, then the manifest
@@ -75,9 +77,9 @@ def _write_json(path: Path, value: Any, indent: int | None = None) -> None:
 
 
 def read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
-        dict[str, RandomCutForest], dict[str, AnomalyLikelihood], list[str], dict[str, dict[str, float]]]:
-    """A checkpoint's forests, likelihoods, flagged users and scoring times, once its format,
-    settings and hashes check out."""
+        dict[str, RandomCutForest], dict[str, AnomalyLikelihood], list[str], dict[str, dict[int, dict[str, float]]]]:
+    """A checkpoint's forests, likelihoods, flagged users and scoring times (kind -> partition ->
+    entity), once its format, settings and hashes check out."""
     manifest = json.loads((directory / MANIFEST).read_text())
     if manifest.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"format {manifest.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -99,5 +101,6 @@ def read_checkpoint(directory: Path, params: dict[str, Any]) -> tuple[
     state = json.loads(paths["state"].read_text())
     likelihoods = {kind: AnomalyLikelihood.from_state(state["likelihoods"][kind]) for kind in KINDS}
     flagged = [str(user) for user in state["flagged"]]
-    scored = {kind: {str(key): float(ts) for key, ts in state["scored"][kind].items()} for kind in KINDS}
+    scored = {kind: {int(partition): {str(key): float(ts) for key, ts in entities.items()}
+                     for partition, entities in state["scored"][kind].items()} for kind in KINDS}
     return forests, likelihoods, flagged, scored

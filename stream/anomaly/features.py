@@ -143,6 +143,14 @@ class EntityWindows:
             "distinct_users": float(_distinct(item.users, item.last_ts - self.window_s)),
         }
 
+    def entities(self, kind: str) -> dict[str, UserWindow] | dict[str, ItemWindow]:
+        """The windows of one kind of entity (``"user"`` or ``"item"``), by id."""
+        return self.users if kind == "user" else self.items
+
+    def features(self, kind: str, key: str) -> dict[str, float]:
+        """The features of one user or item (``kind`` ``"user"`` or ``"item"``) at its latest event."""
+        return self.user_features(key) if kind == "user" else self.item_features(key)
+
     def expire(self, now: float, idle_s: float) -> None:
         """Forget the entities without events since ``now - idle_s``."""
         for table in (self.users, self.items):

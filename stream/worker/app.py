@@ -19,10 +19,12 @@ them from the log. A flush that fails (storage refusing writes) is retried with 
 backoff, counted in ``streamrec_log_write_errors_total`` and logged; offsets are never committed
 past what is in the log, and while the flush waits no further batch is taken.
 
-The anomaly detector's windows are rebuilt per assigned partition too; its learned state
-(forests, likelihoods, flags) is checkpointed in ``<log_dir>/_detector/<worker id>/`` after a
-flush, at most once per ``detector_checkpoint_interval_s``, and at a clean stop: one folder per
-worker, never shared (see ``stream.anomaly``).
+The anomaly detector's entity windows belong to the partitions too: rebuilt from the log at every
+assignment, parked and dropped with the rest of a revoked partition's state. Its learned state
+(forests, likelihoods, flags: the worker's models, over all its partitions) is checkpointed in
+``<log_dir>/_detector/<worker id>/`` after a flush, at most once per
+``detector_checkpoint_interval_s``, and at a clean stop: one folder per worker, never shared
+(see ``stream.anomaly``).
 
 The steps overlap where that is safe: the next batch is processed while Kafka acknowledges the
 last one's output, and a flush writes its files in a thread while batches go on. One flush is in

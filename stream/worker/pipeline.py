@@ -5,10 +5,12 @@ dead-letter it (with a reason), drop it as a duplicate, or accept it, log it and
 then it advances event time, scores traffic for anomalies and returns everything the worker must
 send and write. The Faust agent (``stream.worker.app``) does the I/O around it.
 
-State is kept per source partition (``PartitionState``: dedupe window, open slates, watermark), so
-that a partition can move between workers: ``assign`` rebuilds it from the log rows of that
-partition, ``revoke`` drops it, and a lagging partition's slates are closed by its own event time,
-never by another partition's.
+State is kept per source partition (``PartitionState``: dedupe window, open slates, watermark; the
+anomaly detector keeps its entity windows per partition too), so that a partition can move between
+workers: ``assign`` rebuilds it from the log rows of that partition, ``revoke`` parks it until the
+next assignment reuses or drops it, and a lagging partition's slates are closed by its own event
+time, never by another partition's. The detector's learned models and flags are the worker's,
+over all its partitions.
 """
 from __future__ import annotations
 
@@ -36,16 +38,21 @@ if TYPE_CHECKING:
 
 
 class AnomalyDetector(Protocol):
-    """What the pipeline and the worker need of an anomaly detector (``stream.anomaly``)."""
+    """What the pipeline and the worker need of an anomaly detector (``stream.anomaly``): windows
+    per source partition, models and flags per worker."""
 
-    def observe_batch(self, events: Sequence[dict]) -> list[dict]: ...
+    def observe_batch(self, events: Sequence[dict], partitions: Sequence[int]) -> list[dict]: ...
 
     def is_flagged(self, user_id: str) -> bool: ...
 
     last_scores: dict  # kind -> the scores of the latest batch (for the score histogram)
-    idle_s: float  # entities idle this long are forgotten: how much of the log ``restore`` replays
+    idle_s: float  # entities idle this long are forgotten: how much of the log ``assign`` replays
 
-    def warm_windows(self, events: Sequence[dict]) -> None: ...
+    def warm_windows(self, events: Sequence[dict], partition: int) -> None: ...
+
+    def detach_windows(self, partition: int) -> object | None: ...
+
+    def attach_windows(self, partition: int, windows: object) -> None: ...
 
     def snapshot(self) -> DetectorSnapshot: ...
 
@@ -138,7 +145,6 @@ class IngestPipeline:
         self.feedback = feedback
         self.partitions: dict[int, PartitionState] = {}
         self._parked: dict[int, PartitionState] = {}  # revoked, kept until the next assignment
-        self._warmed: set[int] = set()  # partitions whose logged events the detector's windows hold
 
     def partition(self, partition: int) -> PartitionState:
         """The state of one source partition (empty when it is new to this worker)."""
@@ -151,15 +157,19 @@ class IngestPipeline:
         return state
 
     def revoke(self, partition: int) -> None:
-        """Take a partition's state out of use. It is kept aside until the assignment that
-        follows (Kafka's eager rebalance revokes every partition and often hands the same ones
-        back): ``assign`` reuses it when the log shows nobody processed the partition since."""
+        """Take a partition's state, the detector's windows of it included, out of use. It is
+        kept aside until the assignment that follows (Kafka's eager rebalance revokes every
+        partition and often hands the same ones back): ``assign`` reuses it when the log shows
+        nobody processed the partition since."""
         state = self.partitions.pop(partition, None)
         if state is not None:
+            if self.detector is not None:
+                state.anomaly_windows = self.detector.detach_windows(partition)
             self._parked[partition] = state
 
     def forget_revoked(self) -> None:
-        """Drop the states kept aside by ``revoke`` (after an assignment that did not reuse them)."""
+        """Drop the states kept aside by ``revoke``, with their anomaly windows (after an
+        assignment that did not reuse them)."""
         self._parked.clear()
 
     @property
@@ -224,7 +234,7 @@ class IngestPipeline:
                 state.last_batch_wall = wall
                 examples.extend(state.joiner.advance(state.last_event_ts))
         if self.detector is not None and accepted:
-            out.anomalies = self._detect(accepted)
+            out.anomalies = self._detect(accepted, partitions)
         self._finish_examples(examples)
         _count(metrics.EVENTS, types)
         _count(metrics.DLQ, dlq_reasons)
@@ -233,19 +243,22 @@ class IngestPipeline:
             metrics.DUPLICATES.inc(out.duplicates)
         return out
 
-    def _detect(self, accepted: list[dict]) -> list[dict]:
-        """Score the batch in slices of at most ``anomaly_slice_s`` of event time, in time order.
+    def _detect(self, accepted: list[dict], partitions: list[int]) -> list[dict]:
+        """Score the batch in slices of at most ``anomaly_slice_s`` of event time, in time order;
+        each event updates the detector's windows of its source partition (``partitions``).
 
         A replayed backlog packs hours of event time into one batch; the detector scores an
         entity at most once per call, so without slicing a burst inside the batch would be seen
         only as part of a long average.
         """
         detector, records = self.detector, []
-        ordered = sorted(accepted, key=lambda e: e["ts"])
+        order = sorted(range(len(accepted)), key=lambda i: accepted[i]["ts"])
+        ordered = [accepted[i] for i in order]
+        sources = [partitions[i] for i in order]
         start = 0
         for end in range(1, len(ordered) + 1):
             if end == len(ordered) or ordered[end]["ts"] - ordered[start]["ts"] > self.anomaly_slice_s:
-                records += detector.observe_batch(ordered[start:end])
+                records += detector.observe_batch(ordered[start:end], sources[start:end])
                 for scores in detector.last_scores.values():
                     for score in scores:
                         metrics.ANOMALY_SCORE.observe(float(score))
@@ -296,30 +309,33 @@ class IngestPipeline:
 
     def assign(self, partition: int, log: DeltaLog, until_offset: int | None = None) -> dict:
         """Rebuild one partition's dedupe window, open slates, watermark and the detector's
-        windows from the log rows of that partition (up to ``until_offset``, the last offset the
-        log records for it), replacing whatever state this worker had for it.
+        windows of it from the log rows of that partition (up to ``until_offset``, the last
+        offset the log records for it), replacing whatever state this worker had for it.
 
         The log holds exactly the events whose offsets it records, so ids seen there are
         duplicates when Kafka delivers them again, impressions still inside their window wait for
-        clicks as if the partition had never moved, and the detector's windows see the events of
-        its last ``idle_s`` seconds again (unscored; ``AnomalyDetector.warm_windows``, once per
-        partition in a worker's life). A state this worker had before ``revoke`` is reused as it
-        is when the log's offset shows that nobody processed the partition since.
+        clicks as if the partition had never moved, and the partition's anomaly windows are
+        rebuilt from its events of its last ``idle_s`` seconds (unscored;
+        ``AnomalyDetector.warm_windows``) as if it had never moved. A state this worker had
+        before ``revoke``, anomaly windows included, is reused as it is when the log's offset
+        shows that nobody processed the partition since.
 
         Returns the event ids and open slates it holds, and whether it came from the log.
         """
         resume = None if until_offset is None else until_offset + 1
         parked = self._parked.pop(partition, None)
         if parked is not None and parked.next_offset == resume:  # nothing happened to it meanwhile
-            self.partitions[partition] = parked
+            self._unpark(partition, parked)
             return {"events": len(parked.dedupe), "open_slates": len(parked.joiner), "from_log": False}
         self.partitions.pop(partition, None)
         state = self.partition(partition)
         state.next_offset = resume
         newest = log.newest_ts(EVENTS, source_partition=partition, until_offset=until_offset)
-        if newest is None:
-            return {"events": 0, "open_slates": 0, "from_log": True}
         detector = self.detector
+        if newest is None:
+            if detector is not None:
+                detector.warm_windows([], partition)  # nothing logged: empty windows
+            return {"events": 0, "open_slates": 0, "from_log": True}
         horizon = max(self.dedupe_window_s, self.attribution_window_s, detector.idle_s if detector is not None else 0.0)
         rows = log.read(EVENTS, since_ts=newest - horizon, source_partition=partition, until_offset=until_offset)
         rows = rows.sort_values("source_offset", kind="stable").reset_index(drop=True)
@@ -334,12 +350,10 @@ class IngestPipeline:
         stage = labelled["stage"]  # null in rows logged before stages: those are closed or clicked
         closed = (stage == CLOSED) | (stage.isna() & (labelled["label"] == NEGATIVE))
         negatives_logged = set(labelled.loc[closed, "request_id"])
-        if detector is not None and partition not in self._warmed:
-            # Once per partition: windows cannot be emptied of one partition's entities, and
-            # observing the same logged events twice would count them twice.
-            self._warmed.add(partition)
+        if detector is not None:
             first_rows = impressions.drop_duplicates("event_id").index  # in the order of the groups
-            detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), newest - detector.idle_s))
+            since = newest - detector.idle_s
+            detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), since), partition)
         slates.sort(key=lambda imp: imp["ts"])
         # A slate whose ``closed`` example is in the log was closed (perhaps by the idle timer, ahead of
         # event time); one whose window has passed is closed too. The rest are still open.
@@ -354,17 +368,27 @@ class IngestPipeline:
         state.last_event_ts = float(newest)
         return {"events": len(ids), "open_slates": len(state.joiner), "from_log": True}
 
+    def _unpark(self, partition: int, parked: PartitionState) -> None:
+        """Put a parked partition state back in use, its anomaly windows back into the detector."""
+        self.partitions[partition] = parked
+        if parked.anomaly_windows is not None:
+            self.detector.attach_windows(partition, parked.anomaly_windows)
+            parked.anomaly_windows = None
+
 
 @dataclass
 class PartitionState:
     """What a worker keeps for one source partition between events (DESIGN.md "The worker's
-    state"): its dedupe window, its open slates and its event-time watermark."""
+    state"): its dedupe window, its open slates and its event-time watermark. The anomaly
+    detector holds the partition's windows while the partition is in use; a revoked (parked)
+    state holds them until it is reused or dropped."""
 
     dedupe: DedupeWindow
     joiner: ImpressionJoiner
     last_event_ts: float = float("-inf")  # the partition's watermark: the newest ts it accepted
     last_batch_wall: float = 0.0  # the clock when it last accepted an event (for the idle timer)
     next_offset: int | None = None  # the offset after the last record processed (None: none yet)
+    anomaly_windows: object | None = None  # the detector's windows of the partition while parked
 
 
 # The ``label`` label of ``streamrec_examples_total`` by stage (``stream.examples.label_name``).

@@ -149,7 +149,7 @@ def test_bot_features_show_the_flood(bot_run) -> None:
 def test_flag_expires_when_the_user_goes_idle(bot_run) -> None:
     detector, _, _ = bot_run
     assert not detector.is_flagged("bot")  # silent since 5400 s, idle limit 1800 s, clock at 8000 s
-    assert "bot" not in detector.windows.users and "u0" in detector.windows.users
+    assert "bot" not in detector.windows[0].users and "u0" in detector.windows[0].users
 
 
 def test_item_click_flood_is_flagged() -> None:

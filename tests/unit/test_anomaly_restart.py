@@ -86,7 +86,7 @@ def test_windows_rebuilt_from_the_log_equal_the_live_windows(first_run):
     """Every user and item has the same features (and event counts) after a restore from the log
     as in the detector that saw stream A live."""
     live, log = first_run
-    before, after = live.detector.windows, restarted(log).detector.windows
+    before, after = live.detector.windows[0], restarted(log).detector.windows[0]
     assert before.users.keys() == after.users.keys() and len(before.users) == 61  # with the bot
     assert before.items.keys() == after.items.keys() and len(before.items) == 100
     for user in before.users:
@@ -108,9 +108,9 @@ def test_restore_replays_the_detectors_horizon_even_past_dedupe_and_join(tmp_pat
     log.append(EVENTS, first.process(batches(events)[0]).log_table)
     detector = AnomalyDetector(window_s=600)  # idle_s 1800
     IngestPipeline(dedupe_window_s=60, attribution_window_s=60, detector=detector).restore(log)
-    assert set(detector.windows.users) == {"a", "b"}
-    assert detector.windows.users["a"].n_events == 5
-    assert detector.windows.user_features("a")["distinct_items"] == 5.0
+    assert set(detector.windows[0].users) == {"a", "b"}
+    assert detector.windows[0].users["a"].n_events == 5
+    assert detector.windows[0].user_features("a")["distinct_items"] == 5.0
     assert is_cold(detector)  # rebuilding windows scores nothing
 
 

@@ -96,7 +96,7 @@ class FakeDetector:
         self.batches: list[list[str]] = []
         self.last_scores = {"user": [9.0], "item": []}
 
-    def observe_batch(self, events):
+    def observe_batch(self, events, partitions):
         self.batches.append([e["event_id"] for e in events])
         return [{"entity": f"user:{u}", "score": 9.0} for u in sorted({e["user_id"] for e in events} & self.flagged)]
 
