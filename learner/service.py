@@ -48,7 +48,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
-from learner.calibration import PositionCalibration
+from learner.calibration import PositionCalibration, logit
 from learner.feedback import FinalLabels, fake_negative_weights
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
                              OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_TS, RECONNECTS, RMSE, SKIPPED)
@@ -139,11 +139,16 @@ class Learner:
         self._backlog_at: dict[int, int] | None = None  # the offsets at which ``_stalled`` last saw a backlog
         self.max_event_ts: float | None = state.get("max_event_ts")
         self.quality = {CLICK: ClickQuality(settings.rmse_window), RATING: RatingQuality(settings.rmse_window)}
+        # Two calibrations of click probabilities at a position: the published one, of serving's
+        # scores of the items it showed (what serving applies it to), and the learner's own, of its
+        # prequential scores (its figures and the fake-negative weights).
         self.calibration = PositionCalibration()
+        self.own_calibration = PositionCalibration()
         # The shown items of the ``immediate`` protocol, until their labels are final.
-        self.final_labels: FinalLabels[list] = FinalLabels(settings.attribution_window_s)  # of [logit, position]
-        if state.get("click_calibration"):  # the fitted parameters survive; the window refills
+        self.final_labels: FinalLabels[list] = FinalLabels(settings.attribution_window_s)  # [logit, served logit, position]
+        if state.get("click_calibration"):  # the fitted parameters survive; the windows refill
             self.calibration.load_state(state["click_calibration"])
+            self.own_calibration.load_state(state.get("own_click_calibration", state["click_calibration"]))
         self._touched_users: set[str] = set()
         self._touched_items: set[str] = set()
         self._stop = False
@@ -243,7 +248,8 @@ class Learner:
         """Under ``immediate`` feedback: which click rows are provisional negatives (``shown``,
         now held in ``final_labels`` until their labels are final) and which are the clicks that
         correct one (a ``clicked`` row whose shown item is held, from this batch or before); and
-        the held slots ([logit, position]) of the shown rows, whose logits training fills in."""
+        the held slots ([logit, served logit, position]) of the shown rows, whose logits training
+        fills in."""
         stages = clicks["stage"].to_numpy(zero_copy_only=False)
         shown = stages == SHOWN
         corrections = np.zeros(len(stages), dtype=bool)
@@ -251,7 +257,7 @@ class Learner:
         if shown.any() or len(self.final_labels):
             requests, items, ts = (clicks[f].to_pylist() for f in ("request_id", "item_id", "ts"))
             for row in np.flatnonzero(shown):
-                slots.append([np.nan, positions[row]])
+                slots.append([np.nan, np.nan, positions[row]])
                 self.final_labels.shown(requests[row], items[row], ts[row], slots[-1])
             for row in np.flatnonzero(stages == CLICKED):
                 corrections[row] = self.final_labels.clicked(requests[row], items[row])
@@ -266,8 +272,8 @@ class Learner:
         if not delayed.any():
             return None
         rows = np.flatnonzero(delayed)
-        p = np.clip(self.model.predict([users[r] for r in rows], [items[r] for r in rows], kind=CLICK), 1e-12, 1 - 1e-12)
-        p_hat = self.calibration.predict(np.log(p) - np.log1p(-p), positions[rows])
+        p = self.model.predict([users[r] for r in rows], [items[r] for r in rows], kind=CLICK)
+        p_hat = self.own_calibration.predict(logit(p), positions[rows])
         weights = np.ones(len(users))
         weights[rows] = fake_negative_weights(p_hat, corrections[rows])
         return weights
@@ -275,25 +281,30 @@ class Learner:
     def _final_click_scores(self, clicks: pa.Table, probabilities: np.ndarray, positions: np.ndarray,
                             labels: np.ndarray, shown: np.ndarray, corrections: np.ndarray, slots: list
                             ) -> tuple[np.ndarray, np.ndarray]:
-        """The click probabilities at the shown positions, and their labels, of the outcomes whose
-        label is final: the batch's ``clicked`` and ``closed`` rows (``wait`` protocol) and the
-        shown items whose window passed (``immediate``: held meanwhile in ``final_labels``; a
-        correction is not scored itself). The probabilities come from the calibration of before
-        those outcomes, which then learns from them (unweighted: it must not see the IPS weights)."""
-        p = np.clip(probabilities, 1e-12, 1 - 1e-12)
-        logits = np.log(p) - np.log1p(-p)
-        for slot, logit in zip(slots, logits[shown]):
-            slot[0] = logit
+        """The learner's click probabilities at the shown positions, and their labels, of the
+        outcomes whose label is final: the batch's ``clicked`` and ``closed`` rows (``wait``
+        protocol) and the shown items whose window passed (``immediate``: held meanwhile in
+        ``final_labels``; a correction is not scored itself). The probabilities come from its own
+        calibration of before those outcomes. Both calibrations then learn from them (unweighted:
+        they must not see the IPS weights); the published one from serving's score of each item,
+        where the impression carried one (else from the learner's)."""
+        logits = logit(probabilities)
+        served = logit(clicks["score"].to_numpy(zero_copy_only=False).astype(np.float64))
+        served = np.where(np.isfinite(served), served, logits)
+        for slot, own, serving in zip(slots, logits[shown], served[shown]):
+            slot[0], slot[1] = own, serving
         final = ~(shown | corrections)
-        logits, positions, labels = logits[final], positions[final], labels[final]
+        logits, served, positions, labels = logits[final], served[final], positions[final], labels[final]
         released = self.final_labels.release(pc.max(clicks["ts"]).as_py()) if len(self.final_labels) else []
         released = [(slot, label) for slot, label in released if np.isfinite(slot[0])]  # not of a skipped batch
         if released:
-            logits = np.r_[logits, [logit for (logit, _), _ in released]]
-            positions = np.r_[positions, [position for (_, position), _ in released]]
+            held = np.array([slot for slot, _ in released], dtype=np.float64)
+            logits, served = np.r_[logits, held[:, 0]], np.r_[served, held[:, 1]]
+            positions = np.r_[positions, held[:, 2]].astype(np.int64)
             labels = np.r_[labels, [label for _, label in released]]
-        calibrated = self.calibration.predict(logits, positions)
-        self.calibration.update(logits, positions, labels)
+        calibrated = self.own_calibration.predict(logits, positions)
+        self.own_calibration.update(logits, positions, labels)
+        self.calibration.update(served, positions, labels)
         return calibrated, labels
 
     def click_calibration(self) -> tuple[tuple[float, ...], float]:
@@ -346,6 +357,7 @@ class Learner:
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "seq": self.seq, "max_event_ts": self.max_event_ts, "saved_ts": time.time(),
             "click_calibration": self.calibration.state(),
+            "own_click_calibration": self.own_calibration.state(),
         }, self.outcomes.state())
 
     # -- the loop ---------------------------------------------------------------------------

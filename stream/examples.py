@@ -7,7 +7,7 @@ columns (``decode_examples``).
 
 Framing: one message per outcome, keyed by ``user_id``: a header (who, which slate, which model,
 when, which stage) and the items the outcome labels, each with its position, propensity,
-inverse-propensity weight and label. The stages:
+inverse-propensity weight, label and the score serving gave it. The stages:
 
 - ``rated``: a rating; one item labelled with its value;
 - ``clicked``: a click joined to its slate; one item labelled ``POSITIVE``;
@@ -68,6 +68,8 @@ class ExampleItem(TypedDict):
     propensity: float  # the probability the policy showed it there (1.0 for ratings)
     weight: float  # the clipped inverse propensity (``ips_weight``; 1.0 for ratings)
     label: float  # click: POSITIVE or NEGATIVE; rating: the rating value
+    score: float | None  # serving's score of the item when it chose the slate (its position-free click
+    # probability; None for ratings and where the impression had none): what the click calibration is fitted on
 
 
 class Example(TypedDict):
@@ -92,17 +94,17 @@ _HEADER_TYPES = {
     "anomalous": pa.bool_(), "event_id": pa.string(),
 }
 _ITEM_TYPES = {"item_id": pa.string(), "position": pa.int32(), "propensity": pa.float64(), "weight": pa.float64(),
-               "label": pa.float64()}
+               "label": pa.float64(), "score": pa.float64()}
 # A field added to the TypedDicts without a column type here fails at import.
 HEADER_FIELDS: tuple[str, ...] = tuple(f for f in Example.__annotations__ if f != "items")
 ITEM_FIELDS: tuple[str, ...] = tuple(ExampleItem.__annotations__)
 EXAMPLE_SCHEMA = pa.schema([(f, _HEADER_TYPES[f]) for f in HEADER_FIELDS]
                            + [("items", pa.list_(pa.struct([(f, _ITEM_TYPES[f]) for f in ITEM_FIELDS])))])
 # One row per labelled item: the log's ``examples`` table and what readers compute on. The order
-# is the log's (``stage`` came with the one-message-per-outcome framing, so it is last).
+# is the log's (``stage`` and ``score`` came with the one-message-per-outcome framing, so they are last).
 EXAMPLE_ROW_FIELDS: tuple[str, ...] = ("user_id", "item_id", "label", "position", "propensity", "weight",
                                        "model_version", "request_id", "ts", "kind", "anomalous", "policy",
-                                       "event_id", "variant", "stage")
+                                       "event_id", "variant", "stage", "score")
 EXAMPLE_ROWS_SCHEMA = pa.schema([(f, {**_HEADER_TYPES, **_ITEM_TYPES}[f]) for f in EXAMPLE_ROW_FIELDS])
 _JSON_OPTIONS = pa_json.ParseOptions(explicit_schema=EXAMPLE_SCHEMA, unexpected_field_behavior="ignore")
 _READ_OPTIONS = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
@@ -131,7 +133,7 @@ def click_example(impression: dict, items: list[dict], stage: str, ts: float, ev
         "event_id": event_id,
         "items": [  # this loop runs once per shown item
             {"item_id": item["item_id"], "position": item["position"], "propensity": item["propensity"],
-             "weight": ips_weight(item["propensity"], max_weight), "label": label}
+             "weight": ips_weight(item["propensity"], max_weight), "label": label, "score": item.get("score")}
             for item in items
         ],
     }
@@ -151,7 +153,7 @@ def rating_example(event: dict) -> Example:
         "anomalous": False,
         "event_id": event["event_id"],
         "items": [{"item_id": event["item_id"], "position": None, "propensity": 1.0, "weight": 1.0,
-                   "label": float(event["value"])}],
+                   "label": float(event["value"]), "score": None}],
     }
 
 

@@ -425,7 +425,8 @@ def _impression_from_rows(group: pd.DataFrame) -> dict:
         "model_version": first["model_version"],
         "policy": first["policy"],
         "items": [
-            {"item_id": row.item_id, "position": int(row.position), "propensity": float(row.propensity)}
+            {"item_id": row.item_id, "position": int(row.position), "propensity": float(row.propensity),
+             "score": None if pd.isna(row.score) else float(row.score)}
             for row in group.itertuples()
         ],
     }

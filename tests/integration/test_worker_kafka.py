@@ -44,7 +44,8 @@ def worker_env(kafka_bootstrap, unique_name, tmp_path):
 
 def _slate(user: str, request: str, ts: float, items: list[str]) -> dict:
     return ev.impression(user, request, "m1", "epsilon_greedy",
-                         [{"item_id": it, "position": i + 1, "propensity": 0.5 / (i + 1)} for i, it in enumerate(items)],
+                         [{"item_id": it, "position": i + 1, "propensity": 0.5 / (i + 1), "score": round(0.9 - 0.1 * i, 2)}
+                          for i, it in enumerate(items)],
                          ts=ts)
 
 
@@ -73,11 +74,12 @@ def test_sdk_events_reach_the_log_and_examples(kafka_bootstrap, worker_env):
     for m in messages:
         assert set(m) == set(Example.__annotations__)
     assert (by_stage["clicked"]["event_id"], by_stage["closed"]["event_id"]) == (clk["event_id"], imp["event_id"])
-    assert by_stage["clicked"]["items"] == [{"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 1.0}]
+    assert by_stage["clicked"]["items"] == [{"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 1.0,
+                                             "score": 0.8}]
     assert [(i["item_id"], i["label"]) for i in by_stage["closed"]["items"]] == [("a", 0.0), ("c", 0.0)]
     assert by_stage["rated"] == {**by_stage["rated"], "kind": "rating", "request_id": None,
                                  "items": [{"item_id": "x", "position": None, "propensity": 1.0, "weight": 1.0,
-                                            "label": 4.5}]}
+                                            "label": 4.5, "score": None}]}
 
 
 def test_obd_sample_round_trips_through_kafka(kafka_bootstrap, worker_env, shared_data):

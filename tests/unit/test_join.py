@@ -93,7 +93,7 @@ def test_matched_click_is_positive_with_slate_fields(joiner):
         "ts": T + 7.5,
         "anomalous": False,
         "event_id": "c1",
-        "items": [{"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 1.0}],
+        "items": [{"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 1.0, "score": None}],
     }
 
 
@@ -180,9 +180,9 @@ def test_negative_fields_come_from_impression(joiner):
         "anomalous": False,
         "event_id": "imp1",
         "items": [
-            {"item_id": "a", "position": 1, "propensity": 0.5, "weight": 2.0, "label": 0.0},
-            {"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 0.0},
-            {"item_id": "c", "position": 3, "propensity": 0.01, "weight": 50.0, "label": 0.0},
+            {"item_id": "a", "position": 1, "propensity": 0.5, "weight": 2.0, "label": 0.0, "score": None},
+            {"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 0.0, "score": None},
+            {"item_id": "c", "position": 3, "propensity": 0.01, "weight": 50.0, "label": 0.0, "score": None},
         ],
     }
 

@@ -270,7 +270,7 @@ def test_rating_becomes_example_directly():
     assert result.examples == [{
         "kind": "rating", "stage": "rated", "user_id": "u7", "request_id": None, "model_version": None,
         "policy": None, "variant": None, "ts": T + 0.25, "anomalous": False, "event_id": "r1",
-        "items": [{"item_id": "movie", "position": None, "propensity": 1.0, "weight": 1.0, "label": 4.0}],
+        "items": [{"item_id": "movie", "position": None, "propensity": 1.0, "weight": 1.0, "label": 4.0, "score": None}],
     }]
     assert isinstance(result.examples[0]["items"][0]["label"], float)
 
