@@ -39,7 +39,7 @@ test: setup $(PROM)
 	PATH="$(CURDIR)/.tools/prometheus/usr/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	for b in ingest learner rcf serving bias ope; do $(PY) -m bench.$$b --quick || exit 1; done
+	for b in ingest learner rcf serving bias ope feedback; do $(PY) -m bench.$$b --quick || exit 1; done
 
 kafka-stop:
 	-$(VENV)/bin/streamrec kafka stop
