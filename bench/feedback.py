@@ -3,7 +3,7 @@
 Each run joins users of two tastes (``sim.tastes``: 30 fans of "a" items, 30 of "b" items, 15
 slates each) through the worker's own pipeline under one protocol (``wait`` or ``immediate``,
 ``stream.worker.join``) and trains the learner service's ``Learner.learn`` on the examples in
-micro-batches of 64, as the learner does. A run *learns* when the fans of "a" get at most 20% "b"
+polls of 64 messages. A run *learns* when the fans of "a" get at most 20% "b"
 items in their top 5 and the fans of "b" at least 80%. Two arrival patterns:
 
 - ``steady``: a slate every 20 ms of event time;

@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bounds of the ratings, e.g. 1,5: a new model's rating scores are clipped to them, "
                         f"in training and in serving (default {_range_text(d.rating_range)})")
     p.add_argument("--device", default=None, help=f"'auto' (CUDA when present), 'cpu' or 'cuda:N' (default {d.device})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"examples per micro-batch (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"labelled items per micro-batch, and messages per poll (default {d.batch_size})")
     p.add_argument("--batch-timeout-s", type=float, default=None, help=f"seconds before a partial micro-batch trains (default {d.batch_timeout_s})")
     p.add_argument("--publish-interval-s", type=float, default=None, help=f"seconds between deltas (default {d.publish_interval_s})")
     p.add_argument("--snapshot-interval-s", type=float, default=None, help=f"seconds between snapshots (default {d.snapshot_interval_s})")

@@ -1,6 +1,7 @@
 """``streamrec learner``: trains ``OnlineMF`` on the ``examples`` topic and publishes the model.
 
-The loop, one micro-batch at a time (closed at ``batch_size`` examples or ``batch_timeout_s``):
+The loop, one poll at a time (at most ``batch_size`` messages, or what ``batch_timeout_s`` brings),
+trained in micro-batches of at most ``batch_size`` labelled items per kind:
 
 1. poll ``examples`` (``stream.examples.Example``, one message per outcome) and decode the batch in
    columns, one row per labelled item (``decode_examples``); drop outcomes already trained, re-sent by a
@@ -175,46 +176,49 @@ class Learner:
         if unknown:
             SKIPPED.labels("unknown_kind").inc(unknown)
             rows = rows.filter(known)
-        trained = 0
+        trained, size = 0, self.settings.batch_size
         for kind in EXAMPLE_KINDS:
-            batch = rows.filter(pc.equal(rows["kind"], kind))
-            if not batch.num_rows:
-                continue
-            users, items = batch["user_id"].to_pylist(), batch["item_id"].to_pylist()
-            labels = batch["label"].to_numpy()
-            try:
-                if kind == CLICK:
-                    positions = batch["position"].to_numpy(zero_copy_only=False)
-                    shown, corrections, slots = self._delayed_feedback(batch, positions)
-                    weights = self._fake_negative_weights(users, items, positions, shown, corrections)
-                    before = self.model.learn_batch(users, items, labels, kind=CLICK, positions=positions,
-                                                    propensities=batch["propensity"].to_numpy(zero_copy_only=False),
-                                                    weights=weights)
-                else:
-                    before = self.model.learn_batch(users, items, labels, kind="rating")
-            except (ValueError, TypeError, KeyError) as err:
-                log.warning("skipped a %s batch of %d examples: %s", kind, batch.num_rows, err)
-                SKIPPED.labels("invalid").inc(batch.num_rows)
-                continue
-            if kind == CLICK:
-                before, labels = self._final_click_scores(batch, before, positions, labels, shown, corrections, slots)
-            quality = self.quality[kind]
-            if len(labels):  # under ``immediate`` feedback a batch may hold no final label yet
-                quality.add(before, labels)
-            RMSE.labels(kind).set(quality.rmse())
-            BASELINE_RMSE.labels(kind).set(quality.baseline_rmse())
-            if kind == CLICK:
-                LOGLOSS.set(quality.logloss())
-                BASELINE_LOGLOSS.set(quality.baseline_logloss())
-            EXAMPLES_SEEN.labels(kind).inc(batch.num_rows)
-            self._touched_users.update(users)
-            self._touched_items.update(items)
-            newest = pc.max(batch["ts"]).as_py()
-            if newest is not None:
-                self.max_event_ts = newest if self.max_event_ts is None else max(self.max_event_ts, newest)
-            trained += batch.num_rows
+            of_kind = rows.filter(pc.equal(rows["kind"], kind))
+            for start in range(0, of_kind.num_rows, size):  # micro-batches of at most batch_size labelled items
+                trained += self._learn_part(kind, of_kind.slice(start, size))
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return trained
+
+    def _learn_part(self, kind: str, batch: pa.Table) -> int:
+        """Predict-then-train on one micro-batch of one kind; returns the rows trained on."""
+        users, items = batch["user_id"].to_pylist(), batch["item_id"].to_pylist()
+        labels = batch["label"].to_numpy()
+        try:
+            if kind == CLICK:
+                positions = batch["position"].to_numpy(zero_copy_only=False)
+                shown, corrections, slots = self._delayed_feedback(batch, positions)
+                weights = self._fake_negative_weights(users, items, positions, shown, corrections)
+                before = self.model.learn_batch(users, items, labels, kind=CLICK, positions=positions,
+                                                propensities=batch["propensity"].to_numpy(zero_copy_only=False),
+                                                weights=weights)
+            else:
+                before = self.model.learn_batch(users, items, labels, kind="rating")
+        except (ValueError, TypeError, KeyError) as err:
+            log.warning("skipped a %s batch of %d examples: %s", kind, batch.num_rows, err)
+            SKIPPED.labels("invalid").inc(batch.num_rows)
+            return 0
+        if kind == CLICK:
+            before, labels = self._final_click_scores(batch, before, positions, labels, shown, corrections, slots)
+        quality = self.quality[kind]
+        if len(labels):  # under ``immediate`` feedback a batch may hold no final label yet
+            quality.add(before, labels)
+        RMSE.labels(kind).set(quality.rmse())
+        BASELINE_RMSE.labels(kind).set(quality.baseline_rmse())
+        if kind == CLICK:
+            LOGLOSS.set(quality.logloss())
+            BASELINE_LOGLOSS.set(quality.baseline_logloss())
+        EXAMPLES_SEEN.labels(kind).inc(batch.num_rows)
+        self._touched_users.update(users)
+        self._touched_items.update(items)
+        newest = pc.max(batch["ts"]).as_py()
+        if newest is not None:
+            self.max_event_ts = newest if self.max_event_ts is None else max(self.max_event_ts, newest)
+        return batch.num_rows
 
     def _first_sent(self, batch: ExampleBatch) -> pa.Table:
         """The batch's rows less those of outcomes already trained (``learner.outcomes``): one key
