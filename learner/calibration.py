@@ -34,6 +34,7 @@ import numpy as np
 
 _MAX_NEWTON_STEPS = 8
 _MAX_HALVINGS = 30
+_FIRST_FIT = 100  # outcomes before the first fit; until refit_every, a fit each time they double
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -53,7 +54,9 @@ class PositionCalibration:
     Parameters:
         max_position: positions above it share its intercept.
         window: click outcomes the fit uses (the most recent).
-        refit_every: outcomes between two fits.
+        refit_every: outcomes between two fits, once warmed up: the first fit comes after 100
+            outcomes, and the next ones each time the outcomes held have about doubled, so a new
+            model's calibration is fitted early, while its scores change fastest.
         l2: ridge penalty on the parameters' distance from the prior ($a_k = 0$, $b = 1$).
 
     Attributes:
@@ -83,7 +86,8 @@ class PositionCalibration:
         return click_probability(self.intercepts, self.slope, logits, positions)
 
     def update(self, logits: np.ndarray, positions: np.ndarray, labels: np.ndarray) -> None:
-        """Remember click outcomes (in order) and refit when ``refit_every`` have arrived since the last fit."""
+        """Remember click outcomes (in order) and refit when enough have arrived since the last fit
+        (``refit_every``, fewer while warming up)."""
         logits = np.asarray(logits, dtype=np.float64)[-self.window:]
         slots = self._slot(positions)[-self.window:]
         labels = (np.asarray(labels, dtype=np.float64) > 0.5)[-self.window:]
@@ -92,7 +96,7 @@ class PositionCalibration:
         self._next = (self._next + len(logits)) % self.window
         self._n = min(self._n + len(logits), self.window)
         self._pending += len(logits)
-        if self._pending >= self.refit_every:
+        if self._pending >= min(self.refit_every, max(_FIRST_FIT, self._n // 2)):
             self._pending = 0
             self._fit()
 

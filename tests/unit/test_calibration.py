@@ -70,3 +70,12 @@ def test_the_fit_cannot_run_away_when_the_click_models_logits_jump():
         cal.update(logits[j:j + 500], positions[j:j + 500], clicks[j:j + 500])
     ratio = cal.predict(logits[-5000:], positions[-5000:]).mean() / clicks[-5000:].mean()
     assert 0.8 < ratio < 1.3 and 0 < cal.slope < 1
+
+
+def test_a_new_calibration_is_fitted_after_100_outcomes_and_then_as_they_double():
+    fits = []
+    cal = PositionCalibration(max_position=5, refit_every=1000)
+    cal._fit = lambda: fits.append(cal._n)  # record when it fits, not how
+    for _ in range(80):
+        cal.update(np.zeros(50), np.ones(50, dtype=int), np.zeros(50))
+    assert fits == [100, 200, 400, 800, 1600, 2600, 3600]
