@@ -40,6 +40,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import orjson
@@ -62,6 +63,7 @@ from stream.examples import CLICK, CLICKED, EXAMPLE_KINDS, RATING, SHOWN, Exampl
 from stream.topics import Topics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Seconds without examples between the learner's checks whether some are waiting (``_stalled``):
 # a backlog seen at two checks in a row, with nothing read between them, is a stall.
@@ -395,10 +397,11 @@ class Learner:
     def run(self, max_idle_s: float | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT), or until idle for ``max_idle_s`` if given."""
         s = self.settings
-        producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5,
-                                 max_request_size=8 * 1024 * 1024)
+        producer = _until_reachable(lambda: KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5,
+                                                          max_request_size=8 * 1024 * 1024),
+                                    "starting the producer")
         consumer, tps = self._connect()
-        self._continue_after_restart()
+        _until_reachable(self._continue_after_restart, f"reading the last seq on {self.topics.model_updates}")
         if s.web_port:
             start_http_server(s.web_port, addr=s.web_host)
         now = time.monotonic()
@@ -446,22 +449,8 @@ class Learner:
             producer.close()
 
     def _connect(self) -> tuple[KafkaConsumer, list[TopicPartition]]:
-        """``_consumer()``, retried with backoff while the broker cannot be reached (a learner
-        started or reconnecting during an outage waits for the broker instead of exiting)."""
-        delay, failures = CONNECT_RETRY_FIRST_S, 0
-        while True:
-            try:
-                connected = self._consumer()
-            except KafkaError as err:
-                failures += 1
-                log.warning("cannot reach the broker for %s (%s: %s); retry %d in %.1f s", self.topics.examples,
-                            type(err).__name__, err, failures, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, CONNECT_RETRY_MAX_S)
-                continue
-            if failures:
-                log.info("connected to %s after %d failed attempts", self.topics.examples, failures)
-            return connected
+        """``_consumer()``, retried while the broker cannot be reached (``_until_reachable``)."""
+        return _until_reachable(self._consumer, f"connecting to {self.topics.examples}")
 
     def _consumer(self) -> tuple[KafkaConsumer, list[TopicPartition]]:
         """A consumer assigned every partition of ``examples``, at the learner's next offsets."""
@@ -506,6 +495,25 @@ class Learner:
         RECONNECTS.inc()
         self._backlog_at = None
         return True
+
+
+def _until_reachable(operation: Callable[[], T], what: str) -> T:
+    """``operation()``, retried with backoff while the broker cannot be reached: a learner started
+    or reconnecting during an outage waits for the broker instead of exiting."""
+    delay, failures = CONNECT_RETRY_FIRST_S, 0
+    while True:
+        try:
+            result = operation()
+        except KafkaError as err:
+            failures += 1
+            log.warning("%s failed, the broker is unreachable (%s: %s); retry %d in %.1f s", what,
+                        type(err).__name__, err, failures, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX_S)
+            continue
+        if failures:
+            log.info("%s succeeded after %d failed attempts", what, failures)
+        return result
 
 
 def run_learner(settings: LearnerSettings) -> None:

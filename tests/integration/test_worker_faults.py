@@ -299,12 +299,9 @@ def _healthy(port: int) -> bool:
 
 
 def _metrics_up(port: int) -> bool:
-    """The learner serves its metrics once it is connected to ``examples``."""
-    try:
-        scrape(f"http://127.0.0.1:{port}/metrics")
-    except OSError:
-        return False
-    return True
+    """The learner serves its metrics once it is connected to ``examples`` (``scrape`` reads an
+    unreachable page as no samples)."""
+    return bool(scrape(f"http://127.0.0.1:{port}/metrics"))
 
 
 def _learner_read(port: int) -> float:

@@ -83,3 +83,18 @@ def test_an_unreachable_broker_is_no_stall_and_forgets_the_sighting(tmp_path):
     assert not learner._stalled(consumer, [tp])
     consumer.ends = {tp: 5}
     assert learner._stalled(consumer, [tp])  # the sighting before the outage still counts
+
+
+def test_a_learner_started_during_an_outage_waits_for_the_last_seq_too(tmp_path, monkeypatch):
+    """Reading the last published seq at start-up is retried like the connection."""
+    learner = _learner(tmp_path)
+    attempts, sleeps = [], []
+
+    def probe():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise KafkaTimeoutError("Failed to get offsets by timestamps in 30000 ms")
+
+    monkeypatch.setattr(service.time, "sleep", sleeps.append)
+    service._until_reachable(probe, "reading the last seq")
+    assert len(attempts) == 3 and sleeps == [0.5, 1.0]
