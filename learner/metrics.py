@@ -25,6 +25,8 @@ BATCH_SECONDS = Histogram("streamrec_learner_batch_seconds", "Wall time of one t
 PUBLISH_TS = Gauge("streamrec_model_publish_timestamp_seconds", "When the learner last published a delta.")
 RECONNECTS = Counter("streamrec_learner_reconnects", "Times the learner replaced its consumer of `examples` "
                      "because polls returned nothing while examples were waiting (after a broker outage).")
+PUBLISH_FAILURES = Counter("streamrec_learner_publish_failures", "Publishes that failed because Kafka was "
+                           "unreachable (what: delta or snapshot); a delta's rows go out with the next one.", ["what"])
 # Outcomes sent twice (a worker replaying a batch after a crash) and skipped: learner.outcomes
 DUPLICATES = Counter("streamrec_learner_duplicates", "Examples skipped because their outcome was already trained "
                      "(same kind, event_id and item_id, within the remembered window).")

@@ -53,7 +53,8 @@ from prometheus_client import start_http_server
 from learner.calibration import PositionCalibration, logit
 from learner.feedback import FinalLabels, fake_negative_weights
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
-                             OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_TS, RECONNECTS, RMSE, SKIPPED)
+                             OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_FAILURES, PUBLISH_TS, RECONNECTS, RMSE,
+                             SKIPPED)
 from learner.online_mf import OnlineMF
 from learner.outcomes import OutcomeWindow
 from learner.quality import ClickQuality, RatingQuality
@@ -70,6 +71,8 @@ T = TypeVar("T")
 STALL_CHECK_S = 15.0
 # Backoff while the broker cannot be reached: doubles from the first to the max.
 CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S = 0.5, 15.0
+# The longest a publish waits for the broker before it counts as failed (tried again later).
+PUBLISH_BLOCK_S = 10.0
 
 
 class Checkpointer:
@@ -339,7 +342,7 @@ class Learner:
                                          click_calibration=self.click_calibration(),
                                          max_event_ts=self.max_event_ts, metrics=self.metrics()):
             producer.send(self.topics.model_updates, key=key.encode(), value=orjson.dumps(value))
-        producer.flush()
+        producer.flush(timeout=PUBLISH_BLOCK_S)
         self._touched_users.clear()
         self._touched_items.clear()
         PUBLISH_TS.set(time.time())
@@ -354,7 +357,7 @@ class Learner:
                                   click_calibration=self.click_calibration())
         producer.send(self.topics.model_updates, key=f"snapshot/{self.settings.model}".encode(),
                       value=orjson.dumps(manifest))
-        producer.flush()
+        producer.flush(timeout=PUBLISH_BLOCK_S)
         log.info("snapshot %s: %d users, %d items", manifest["version"], len(users), len(items))
         return manifest
 
@@ -397,8 +400,10 @@ class Learner:
     def run(self, max_idle_s: float | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT), or until idle for ``max_idle_s`` if given."""
         s = self.settings
+        # A send waits at most PUBLISH_BLOCK_S for the broker, so the loop stays responsive in an outage.
         producer = _until_reachable(lambda: KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5,
-                                                          max_request_size=8 * 1024 * 1024),
+                                                          max_request_size=8 * 1024 * 1024,
+                                                          max_block_ms=int(PUBLISH_BLOCK_S * 1000)),
                                     "starting the producer")
         consumer, tps = self._connect()
         _until_reachable(self._continue_after_restart, f"reading the last seq on {self.topics.model_updates}")
@@ -432,17 +437,17 @@ class Learner:
                 elif max_idle_s is not None and now - last_data > max_idle_s:
                     break
                 if now - last_publish >= s.publish_interval_s:
-                    self.publish_delta(producer)
+                    _published(self.publish_delta, producer, "delta")
                     last_publish = now
-                if now - last_snapshot >= s.snapshot_interval_s and self.seq:
-                    self.publish_snapshot(producer)
-                    last_snapshot, snapshot_seq = now, self.seq
+                if now - last_snapshot >= s.snapshot_interval_s and self.seq and self.seq != snapshot_seq:
+                    if _published(self.publish_snapshot, producer, "snapshot"):
+                        last_snapshot, snapshot_seq = now, self.seq
                 if now - last_checkpoint >= s.checkpoint_interval_s:
                     self.checkpoint()
                     last_checkpoint = now
-            self.publish_delta(producer)
+            _published(self.publish_delta, producer, "delta")
             if self.seq and self.seq != snapshot_seq:  # a clean stop leaves a snapshot of everything learned
-                self.publish_snapshot(producer)
+                _published(self.publish_snapshot, producer, "snapshot")
             self.checkpoint()
         finally:
             consumer.close()
@@ -495,6 +500,20 @@ class Learner:
         RECONNECTS.inc()
         self._backlog_at = None
         return True
+
+
+def _published(publish: Callable[[KafkaProducer], object], producer: KafkaProducer, what: str) -> bool:
+    """``publish(producer)``; False, logged and counted, when Kafka is unreachable. A failed
+    delta's rows stay touched and go out with the next one under a later ``seq`` (replicas drop
+    an incomplete publish once a later one completes); a failed snapshot is tried again."""
+    try:
+        publish(producer)
+    except KafkaError as err:
+        PUBLISH_FAILURES.labels(what).inc()
+        log.warning("publishing a %s failed (%s: %s); the next publish carries its rows", what,
+                    type(err).__name__, err)
+        return False
+    return True
 
 
 def _until_reachable(operation: Callable[[], T], what: str) -> T:

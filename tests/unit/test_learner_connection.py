@@ -98,3 +98,34 @@ def test_a_learner_started_during_an_outage_waits_for_the_last_seq_too(tmp_path,
     monkeypatch.setattr(service.time, "sleep", sleeps.append)
     service._until_reachable(probe, "reading the last seq")
     assert len(attempts) == 3 and sleeps == [0.5, 1.0]
+
+
+class _Producer:
+    """A producer whose sends fail while ``down`` (as kafka-python's do after max_block_ms)."""
+
+    def __init__(self) -> None:
+        self.down, self.sent = True, []
+
+    def send(self, topic, key, value):
+        if self.down:
+            raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
+        self.sent.append(key)
+
+    def flush(self, timeout=None):
+        pass
+
+
+def test_a_delta_that_cannot_be_sent_is_counted_and_its_rows_go_out_with_the_next(tmp_path):
+    from learner.metrics import PUBLISH_FAILURES
+    from stream.examples import example_batch, rating_example
+
+    learner = _learner(tmp_path)
+    learner.learn(example_batch([rating_example({"user_id": "u", "item_id": "i", "value": 4.0, "ts": 1.0,
+                                                  "event_id": "e1"})]))
+    producer, failures = _Producer(), PUBLISH_FAILURES.labels("delta")._value.get()
+    assert not service._published(learner.publish_delta, producer, "delta")
+    assert PUBLISH_FAILURES.labels("delta")._value.get() == failures + 1
+    assert learner._touched_users == {"u"}  # kept for the next publish
+    producer.down = False
+    assert service._published(learner.publish_delta, producer, "delta")
+    assert producer.sent and learner.seq == 2 and not learner._touched_users
