@@ -141,7 +141,7 @@ def test_the_learner_publishes_its_rating_range_with_deltas_and_snapshots(tmp_pa
         def send(self, topic: str, key: bytes, value: bytes) -> None:
             self.sent.append((key.decode(), json.loads(value)))
 
-        def flush(self) -> None:
+        def flush(self, timeout: float | None = None) -> None:
             pass
 
     monkeypatch.setenv("STREAMREC_RATING_RANGE", "1,5")
