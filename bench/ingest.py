@@ -112,7 +112,8 @@ def _slate(size: int) -> dict:
     return impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy", items, ts=1.7e9, event_id="0" * 32)
 
 
-_ONE_ITEM = click_example(_slate(1), _slate(1)["items"], CLICKED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+_ONE_SLATE = _slate(1)
+_ONE_ITEM = click_example(_ONE_SLATE, _ONE_SLATE["items"], CLICKED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
 _CLOSED: dict[int, dict] = {}
 
 

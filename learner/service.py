@@ -166,21 +166,10 @@ class Learner:
         ``decode_examples`` or ``example_batch``); returns the number of labelled items trained on."""
         started = time.perf_counter()
         rows = self._first_sent(batch)
-        required = pc.and_(pc.is_valid(rows["user_id"]), pc.and_(pc.is_valid(rows["item_id"]), pc.is_valid(rows["label"])))
-        incomplete = rows.num_rows - pc.sum(required.cast(pa.int64())).as_py() if rows.num_rows else 0
-        if incomplete:
-            SKIPPED.labels("invalid").inc(incomplete)
-            rows = rows.filter(required)
-        anomalous = pc.fill_null(rows["anomalous"], False)
-        flagged = pc.sum(anomalous.cast(pa.int64())).as_py() if rows.num_rows else 0
-        if flagged:
-            SKIPPED.labels("anomalous").inc(flagged)
-            rows = rows.filter(pc.invert(anomalous))
-        known = pc.is_in(rows["kind"], pa.array(EXAMPLE_KINDS))
-        unknown = rows.num_rows - pc.sum(known.cast(pa.int64())).as_py() if rows.num_rows else 0
-        if unknown:
-            SKIPPED.labels("unknown_kind").inc(unknown)
-            rows = rows.filter(known)
+        rows = _kept(rows, pc.and_(pc.is_valid(rows["user_id"]),
+                                   pc.and_(pc.is_valid(rows["item_id"]), pc.is_valid(rows["label"]))), "invalid")
+        rows = _kept(rows, pc.invert(pc.fill_null(rows["anomalous"], False)), "anomalous")
+        rows = _kept(rows, pc.is_in(rows["kind"], pa.array(EXAMPLE_KINDS)), "unknown_kind")
         trained, size = 0, self.settings.batch_size
         for kind in EXAMPLE_KINDS:
             of_kind = rows.filter(pc.equal(rows["kind"], kind))
@@ -500,6 +489,15 @@ class Learner:
         RECONNECTS.inc()
         self._backlog_at = None
         return True
+
+
+def _kept(rows: pa.Table, keep: pa.ChunkedArray, reason: str) -> pa.Table:
+    """The rows where ``keep`` holds; the others are counted as skipped for ``reason``."""
+    dropped = rows.num_rows - pc.sum(keep.cast(pa.int64())).as_py() if rows.num_rows else 0
+    if not dropped:
+        return rows
+    SKIPPED.labels(reason).inc(dropped)
+    return rows.filter(keep)
 
 
 def _published(publish: Callable[[KafkaProducer], object], producer: KafkaProducer, what: str) -> bool:

@@ -53,7 +53,7 @@ class LearnerSettings:
     # Outcome keys (learner.outcomes): seconds of event time each is remembered (None: the
     # attribution window + OUTCOME_MARGIN_S), and the most kept
     outcome_window_s: float | None = field(
-        default_factory=lambda: float(env("OUTCOME_WINDOW_S", "")) if env("OUTCOME_WINDOW_S", "") else None)
+        default_factory=lambda: float(value) if (value := env("OUTCOME_WINDOW_S", "")) else None)
     outcome_keys_max: int = field(default_factory=lambda: env_int("OUTCOME_KEYS_MAX", 4_000_000))
     web_host: str = field(default_factory=lambda: env("WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: env_int("LEARNER_WEB_PORT", 6067))

@@ -51,7 +51,8 @@ NEGATIVE = 0.0
 # Stages: what settled the labels of an example's items (module docstring).
 RATED, CLICKED, CLOSED, SHOWN = "rated", "clicked", "closed", "shown"
 STAGES = (RATED, CLICKED, CLOSED, SHOWN)
-_CLICK_LABELS = {CLICKED: POSITIVE, CLOSED: NEGATIVE, SHOWN: NEGATIVE}
+# The label every item of a click example carries, by stage.
+CLICK_LABELS = {CLICKED: POSITIVE, CLOSED: NEGATIVE, SHOWN: NEGATIVE}
 
 # The worker's feedback protocols: ``wait`` sends a slate's unclicked items as one ``closed``
 # example when its attribution window closes; ``immediate`` sends every shown item at once as a
@@ -119,7 +120,7 @@ def click_example(impression: dict, items: list[dict], stage: str, ts: float, ev
                   max_weight: float) -> Example:
     """The ``stage`` outcome of ``items``, shown by the (valid) event ``impression``; ``ts`` and
     ``event_id`` are those of the event that settled the labels."""
-    label = _CLICK_LABELS[stage]
+    label = CLICK_LABELS[stage]
     return {
         "kind": CLICK,
         "stage": stage,  # type: ignore[typeddict-item]

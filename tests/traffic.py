@@ -1,10 +1,9 @@
-"""Simulated traffic as event dicts: normal users and a click-flood bot (anomaly tests); users of two
-tastes (learning tests, from ``sim.tastes``)."""
+"""Simulated traffic as event dicts: normal users and a click-flood bot (anomaly tests). The users
+of two tastes of the learning tests are in ``sim.tastes``."""
 from __future__ import annotations
 
 import numpy as np
 
-from sim.tastes import TASTE_A, TASTE_B, taste_fans, taste_slates  # noqa: F401 (the tests' import path)
 from stream import events as ev
 
 BASE_TS = 1_750_000_000.0

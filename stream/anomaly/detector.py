@@ -27,7 +27,7 @@ Restarts. A worker that restarts (crash or deploy) must not start blind: cold fo
 likelihoods in warm-up raise no alarm for the first ``warmup + estimation_samples`` scorings per
 kind. So the state comes back from two sources:
 
-* the windows from the Parquet log, per partition (``warm_windows``, fed by
+* the windows from the log, per partition (``warm_windows``, fed by
   ``IngestPipeline.assign`` whenever a partition is assigned): the partition's events of its last
   ``idle_s`` seconds, observed again in time order but not scored. An entity whose history since
   it was last forgotten lies in that span gets its windows back exactly; one active for longer

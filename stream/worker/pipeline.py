@@ -29,8 +29,8 @@ from stream.worker import metrics
 from stream.worker.dedupe import DedupeWindow
 from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog, events_table
 from stream.events import DEFAULT_MAX_FUTURE_S, InvalidEvent, decode
-from stream.examples import (CLICK, CLICKED, CLOSED, FEEDBACK_PROTOCOLS, NEGATIVE, POSITIVE, RATED, RATING, SHOWN,
-                             WAIT, Example, label_name, rating_example)
+from stream.examples import (CLICK, CLICK_LABELS, CLOSED, FEEDBACK_PROTOCOLS, NEGATIVE, RATED, RATING, WAIT, Example,
+                             label_name, rating_example)
 from stream.worker.join import MATCHED, ImpressionJoiner
 
 if TYPE_CHECKING:
@@ -392,8 +392,8 @@ class PartitionState:
 
 
 # The ``label`` label of ``streamrec_examples_total`` by stage (``stream.examples.label_name``).
-_LABEL_NAMES = {RATED: label_name(RATING, 0.0), CLICKED: label_name(CLICK, POSITIVE),
-                CLOSED: label_name(CLICK, NEGATIVE), SHOWN: label_name(CLICK, NEGATIVE)}
+_LABEL_NAMES = {RATED: label_name(RATING, 0.0)} | {
+    stage: label_name(CLICK, label) for stage, label in CLICK_LABELS.items()}
 
 
 def _count(counter, counts: dict) -> None:

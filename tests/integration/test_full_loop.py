@@ -26,9 +26,9 @@ from stream.tools.processes import spawn, stop
 from stream.producer import EventProducer
 from stream.topics import ensure_topics
 from stream.tools.scrape import scrape, total
-from tests.traffic import TASTE_A as A
-from tests.traffic import TASTE_B as B
-from tests.traffic import taste_fans, taste_slates
+from sim.tastes import TASTE_A as A
+from sim.tastes import TASTE_B as B
+from sim.tastes import taste_fans, taste_slates
 from tests.workerproc import wait_for
 
 pytestmark = pytest.mark.kafka

@@ -57,12 +57,16 @@ def test_a_missing_topic_is_still_an_error_not_a_wait(tmp_path, monkeypatch):
         learner._connect()
 
 
+def _watching(tmp_path, offset: int, end: int) -> tuple[Learner, _Ends, TopicPartition]:
+    """A learner at ``offset`` of partition 0 and a consumer whose end offset there is ``end``."""
+    learner, consumer, tp = _learner(tmp_path), _Ends(), TopicPartition("examples", 0)
+    learner.offsets = {0: offset}
+    consumer.ends = {tp: end}
+    return learner, consumer, tp
+
+
 def test_a_backlog_is_a_stall_only_when_seen_twice_at_the_same_offsets(tmp_path):
-    learner = _learner(tmp_path)
-    tp = TopicPartition("examples", 0)
-    consumer = _Ends()
-    learner.offsets = {0: 10}
-    consumer.ends = {tp: 10}
+    learner, consumer, tp = _watching(tmp_path, offset=10, end=10)
     assert not learner._stalled(consumer, [tp])  # nothing waiting
     consumer.ends = {tp: 25}
     assert not learner._stalled(consumer, [tp])  # examples that have just arrived are not a stall
@@ -73,11 +77,7 @@ def test_a_backlog_is_a_stall_only_when_seen_twice_at_the_same_offsets(tmp_path)
 
 
 def test_an_unreachable_broker_is_no_stall_and_forgets_the_sighting(tmp_path):
-    learner = _learner(tmp_path)
-    tp = TopicPartition("examples", 0)
-    consumer = _Ends()
-    learner.offsets = {0: 0}
-    consumer.ends = {tp: 5}
+    learner, consumer, tp = _watching(tmp_path, offset=0, end=5)
     assert not learner._stalled(consumer, [tp])
     consumer.ends = KafkaTimeoutError("no broker")
     assert not learner._stalled(consumer, [tp])

@@ -17,7 +17,7 @@ from stream.events import encode
 from stream.examples import CLICKED, CLOSED, example_rows
 from stream.files import sha256_file
 from stream.worker.pipeline import IngestPipeline, Record
-from tests.traffic import TASTE_A, TASTE_B, taste_fans, taste_slates
+from sim.tastes import TASTE_A, TASTE_B, taste_fans, taste_slates
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
