@@ -58,6 +58,7 @@ from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUP
 from learner.online_mf import OnlineMF
 from learner.outcomes import OutcomeWindow
 from learner.quality import ClickQuality, RatingQuality
+from learner.slate_order import SlateOrder
 from learner.settings import LearnerSettings
 from learner.updates import delta_messages, write_snapshot
 from stream.examples import CLICK, CLICKED, EXAMPLE_KINDS, RATING, SHOWN, ExampleBatch, decode_examples, outcome_key
@@ -152,6 +153,8 @@ class Learner:
         self.own_calibration = PositionCalibration()
         # The shown items of the ``immediate`` protocol, until their labels are final.
         self.final_labels: FinalLabels[list] = FinalLabels(settings.attribution_window_s)  # [logit, served logit, position]
+        # Under ``wait``, each click outcome until its slate's negatives arrive (at most two windows).
+        self.slate_order: SlateOrder[tuple] = SlateOrder(2 * settings.attribution_window_s)  # (logit, served, position, label)
         if state.get("click_calibration"):  # the fitted parameters survive; the windows refill
             self.calibration.load_state(state["click_calibration"])
             self.own_calibration.load_state(state.get("own_click_calibration", state["click_calibration"]))
@@ -199,7 +202,7 @@ class Learner:
         if kind == CLICK:
             before, labels = self._final_click_scores(batch, before, positions, labels, shown, corrections, slots)
         quality = self.quality[kind]
-        if len(labels):  # under ``immediate`` feedback a batch may hold no final label yet
+        if len(labels):  # a batch may hold no settled outcome yet
             quality.add(before, labels)
         RMSE.labels(kind).set(quality.rmse())
         BASELINE_RMSE.labels(kind).set(quality.baseline_rmse())
@@ -280,9 +283,11 @@ class Learner:
                             labels: np.ndarray, shown: np.ndarray, corrections: np.ndarray, slots: list
                             ) -> tuple[np.ndarray, np.ndarray]:
         """The learner's click probabilities at the shown positions, and their labels, of the
-        outcomes whose label is final: the batch's ``clicked`` and ``closed`` rows (``wait``
-        protocol) and the shown items whose window passed (``immediate``: held meanwhile in
-        ``final_labels``; a correction is not scored itself). The probabilities come from its own
+        outcomes whose slate is settled: the ``clicked`` and ``closed`` rows (``wait`` protocol),
+        a click held in ``slate_order`` until its slate's negatives arrive (fitted in arrival
+        order, the recent positives beside older negatives would over-predict: 1.7 times at the
+        quick demo's start), and the shown items whose window passed (``immediate``: held
+        meanwhile in ``final_labels``; a correction is not scored itself). The probabilities come from its own
         calibration of before those outcomes. Both calibrations then learn from them (unweighted:
         they must not see the IPS weights); the published one from serving's score of each item,
         where the impression carried one (else from the learner's)."""
@@ -291,15 +296,16 @@ class Learner:
         served = np.where(np.isfinite(served), served, logits)
         for slot, own, serving in zip(slots, logits[shown], served[shown]):
             slot[0], slot[1] = own, serving
-        final = ~(shown | corrections)
-        logits, served, positions, labels = logits[final], served[final], positions[final], labels[final]
+        final = np.flatnonzero(~(shown | corrections))
+        requests, ts = clicks["request_id"].to_pylist(), clicks["ts"].to_pylist()
+        settled = self.slate_order.add((requests[r], labels[r], ts[r], (logits[r], served[r], positions[r], labels[r]))
+                                       for r in final)
         released = self.final_labels.release(pc.max(clicks["ts"]).as_py()) if len(self.final_labels) else []
-        released = [(slot, label) for slot, label in released if np.isfinite(slot[0])]  # not of a skipped batch
-        if released:
-            held = np.array([slot for slot, _ in released], dtype=np.float64)
-            logits, served = np.r_[logits, held[:, 0]], np.r_[served, held[:, 1]]
-            positions = np.r_[positions, held[:, 2]].astype(np.int64)
-            labels = np.r_[labels, [label for _, label in released]]
+        settled += [(*slot, label) for slot, label in released if np.isfinite(slot[0])]  # not of a skipped batch
+        if not settled:
+            return np.empty(0), np.empty(0)
+        logits, served, positions, labels = (np.array(column, dtype=np.float64) for column in zip(*settled))
+        positions = positions.astype(np.int64)
         calibrated = self.own_calibration.predict(logits, positions)
         self.own_calibration.update(logits, positions, labels)
         self.calibration.update(served, positions, labels)

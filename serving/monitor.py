@@ -4,7 +4,7 @@ It reads the outcomes on ``examples`` (``stream.examples.Example``), one row per
 (``decode_examples``), and keeps:
 
 * **served quality** per kind over the last ``rmse_window`` outcomes, a slate's click outcomes
-  scored together when its negatives arrive (``serving.slate_order``), each figure beside its
+  scored together when its negatives arrive (``learner.slate_order``), each figure beside its
   running-mean baseline (``learner.quality``): the prediction is the one made by the model
   version that was live at the time (ratings: the predicted rating, clipped to the version's
   rating range as the learner's prequential scores are, so that both RMSEs of one model on the
@@ -51,7 +51,7 @@ from serving.model import ServingModel
 from serving.popularity import Popularity
 from learner.quality import ClickQuality, RatingQuality
 from serving.seen import SeenItems
-from serving.slate_order import SlateOrder
+from learner.slate_order import SlateOrder
 from serving.ab_monitor import VariantQuality
 from serving.shadow import Outcome, outcome_of
 from learner.feedback import FinalLabels
@@ -102,7 +102,7 @@ class Monitor:
         drift_window: observations in each of the reference and current windows.
         shadow_window: recent outcomes kept for the shadow check.
         slate_hold_s: event-time seconds a click waits for its slate's negatives before it is scored
-            alone (``serving.slate_order``; twice the worker's attribution window). Under the
+            alone (``learner.slate_order``; twice the worker's attribution window). Under the
             worker's ``immediate`` feedback a shown item is scored once with its final label, half
             that long after its slate (``learner.feedback.FinalLabels``).
         drift_every_s: least seconds between two drift computations.

@@ -35,7 +35,7 @@ class ServeSettings:
     rmse_window: int = field(default_factory=lambda: env_int("SERVE_RMSE_WINDOW", 10_000))
     drift_window: int = field(default_factory=lambda: env_int("DRIFT_WINDOW", 1000))
     # the worker's attribution window (the same variable): a click waits for its slate's negatives
-    # at most twice as long before the monitor scores it alone (serving.slate_order)
+    # at most twice as long before the monitor scores it alone (learner.slate_order)
     attribution_window_s: float = field(default_factory=lambda: env_float("ATTRIBUTION_WINDOW_S", 1800.0))
     shadow_window: int = field(default_factory=lambda: env_int("SHADOW_WINDOW", 2000))
     shadow_tolerance: float = field(default_factory=lambda: env_float("SHADOW_TOLERANCE", 0.05))

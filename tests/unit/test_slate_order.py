@@ -1,8 +1,8 @@
-"""A slate's click outcomes are scored together (serving.slate_order), whatever order they arrive in."""
+"""A slate's click outcomes are scored together (learner.slate_order), whatever order they arrive in."""
 import numpy as np
 import pytest
 
-from serving.slate_order import SlateOrder
+from learner.slate_order import SlateOrder
 from tests.unit.test_monitor_quality import EXAMINATION, click_bias_of, gauge, make_monitor, served_model
 
 
