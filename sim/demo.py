@@ -54,9 +54,11 @@ BROKEN_MESSAGES = [
 AB_VARIANTS = ("model=live/epsilon_greedy:1", "control=popularity/epsilon_greedy:1")
 
 
-# Event-time seconds a slate waits for its clicks, for the worker, serving and the A/B comparison
-# (two steps of the simulated schedule).
-ATTRIBUTION_WINDOW_S = 120.0
+# Event-time seconds a slate waits for its clicks, for the worker, the learner, serving and the A/B
+# comparison: one step of the simulated schedule. The simulated users click 1 s + Exp(8 s) after the
+# slate (``Simulation.click_delay_s``), so 60 s attributes 99.94% of clicks; a longer window only
+# delays every settled outcome, and with it the click calibration (docs/monitoring.md).
+ATTRIBUTION_WINDOW_S = 60.0
 
 def _labelled(samples: dict, name: str, label: str) -> dict[str, float]:
     return {dict(labels).get(label, ""): value for (sample, labels), value in samples.items() if sample == name}
