@@ -11,7 +11,7 @@ with $s_{ui}$ the click model's logit (attractiveness), $a_k$ an intercept per p
 (the examination of position $k$, on the logit scale) and $b$ a shared slope (Platt scaling,
 Platt 1999, with a position term as in the position-based click model of Craswell et al. 2008).
 It is fitted without the IPS weights by maximum likelihood (iteratively reweighted least
-squares, a small ridge penalty) on the last ``window`` click outcomes, refitted every
+squares, a small ridge penalty towards the previous fit) on the last ``window`` click outcomes, refitted every
 ``refit_every`` outcomes. Predictions are made with the fit of before the outcomes, so the
 learner's prequential figures stay honest. Before any fit $a_k = 0$ and $b = 1$: the probability
 is the click model's own.
@@ -53,18 +53,20 @@ class PositionCalibration:
 
     Parameters:
         max_position: positions above it share its intercept.
-        window: click outcomes the fit uses (the most recent).
+        window: click outcomes the fit uses (the most recent): short enough to follow the click
+            model's scores while it is young, whose scale moves (docs/monitoring.md).
         refit_every: outcomes between two fits, once warmed up: the first fit comes after 100
             outcomes, and the next ones each time the outcomes held have about doubled, so a new
             model's calibration is fitted early, while its scores change fastest.
-        l2: ridge penalty on the parameters' distance from the prior ($a_k = 0$, $b = 1$).
+        l2: ridge penalty on the parameters' distance from the previous fit (before the first:
+            $a_k = 0$, $b = 1$), which steadies the intercepts of rarely shown positions.
 
     Attributes:
         intercepts: $a_1 .. a_K$.
         slope: $b$.
     """
 
-    def __init__(self, max_position: int = 20, window: int = 50_000, refit_every: int = 1000,
+    def __init__(self, max_position: int = 20, window: int = 10_000, refit_every: int = 1000,
                  l2: float = 1.0) -> None:
         if max_position < 1 or window < 1 or refit_every < 1 or l2 < 0:
             raise ValueError("PositionCalibration needs max_position, window, refit_every >= 1 and l2 >= 0")
@@ -112,12 +114,13 @@ class PositionCalibration:
         the click model's logits moved far between two fits)."""
         n, k = self._n, self.max_position
         slots, logits, labels = self._slots[:n], self._logits[:n], self._labels[:n]
-        prior = np.append(np.zeros(k), 1.0)
+        default = np.append(np.zeros(k), 1.0)
         theta = np.append(self.intercepts, self.slope)
+        prior = theta.copy()
         current = self._objective(theta, prior, slots, logits, labels)
-        at_prior = self._objective(prior, prior, slots, logits, labels)
-        if not current <= at_prior:  # the previous fit is worse than no fit at all here: start afresh
-            theta, current = prior.copy(), at_prior
+        at_default = self._objective(default, default, slots, logits, labels)
+        if not current <= at_default:  # the previous fit is worse than no fit at all here: start afresh
+            theta, prior, current = default.copy(), default, at_default
         for _ in range(_MAX_NEWTON_STEPS):
             p = sigmoid(theta[slots] + theta[k] * logits)
             w = p * (1.0 - p)
