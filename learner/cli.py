@@ -16,7 +16,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
     settings.topic_prefix = args.topic_prefix
     for name in ("model", "n_factors", "device", "batch_size", "batch_timeout_s", "publish_interval_s",
                  "snapshot_interval_s", "checkpoint_interval_s", "web_port", "web_host", "outcome_window_s",
-                 "outcome_keys_max", "attribution_window_s"):
+                 "outcome_keys_max", "attribution_window_s", "feedback_wait_quantile"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
@@ -64,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attribution-window-s", type=float, default=None,
                    help="the worker's click attribution window: under its 'immediate' feedback a shown item's "
                         f"label is final this long after its slate (default {d.attribution_window_s:.0f})")
+    p.add_argument("--feedback-wait-quantile", type=float, default=None,
+                   help="under 'immediate' feedback a shown item waits this quantile of the recent click delays "
+                        "(at most the attribution window) before it trains, so that a click arriving meanwhile "
+                        f"becomes its label; 0 trains it at once (default {d.feedback_wait_quantile})")
     p.add_argument("--outcome-window-s", type=float, default=None,
                    help="seconds of event time an outcome is remembered, so that a copy re-sent by a restarted "
                         f"worker is not trained twice (default: the attribution window + 600 = {d.outcome_retention_s:.0f})")

@@ -34,20 +34,27 @@ prediction", RecSys 2019.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stream.examples import CLICK, CLICKED, EXAMPLE_ROWS_SCHEMA, SHOWN
 
 T = TypeVar("T")
 
 
-def fake_negative_weights(p_hat: np.ndarray, positive: np.ndarray) -> np.ndarray:
+def fake_negative_weights(p_hat: np.ndarray, positive: np.ndarray, late_share: float = 1.0) -> np.ndarray:
     """The fake-negative importance weights (module docstring) of examples whose current click
     probability is ``p_hat`` and whose stream label is ``positive`` (a ``clicked`` correction) or
-    not (a ``shown`` provisional negative)."""
+    not (a ``shown`` provisional negative). ``late_share``: the share of clicks that arrive after
+    the waiting window (1 without one)."""
     p = np.clip(np.asarray(p_hat, dtype=np.float64), 0.0, 1.0)
-    return np.where(np.asarray(positive, dtype=bool), 1.0 + p, (1.0 - p) * (1.0 + p))
+    late = late_share * p
+    return np.where(np.asarray(positive, dtype=bool), 1.0 + late,
+                    (1.0 - p) * (1.0 + late) / np.maximum(1.0 - (p - late), 1e-6))
 
 
 class FinalLabels(Generic[T]):
@@ -83,6 +90,11 @@ class FinalLabels(Generic[T]):
             slate[1][item_id] = [payload, 0.0]
             self._count += 1
 
+    def shown_at(self, request_id: str) -> float | None:
+        """The event time of a held slate; None when it is not held."""
+        slate = self._slates.get(request_id)
+        return None if slate is None else slate[0]
+
     def clicked(self, request_id: str, item_id: str) -> bool:
         """Correct a held item's label to 1; False when the item is not held (a click under the
         ``wait`` protocol, or one whose slate was released)."""
@@ -109,3 +121,104 @@ class FinalLabels(Generic[T]):
             self._count -= len(items)
             out += [(payload, label) for payload, label in items.values()]
         return out
+
+
+class WaitingWindow(FinalLabels[dict]):
+    """The learner's waiting window under ``immediate`` feedback: shown items held until a
+    ``quantile`` of the recent click delays has passed since their slate (``max_s`` until
+    ``MIN_DELAYS`` delays are known, and never longer), so that a click arriving meanwhile
+    trains with its item, as its label, instead of correcting a negative already trained.
+
+    The items released unclicked still train as provisional negatives, and the clicks after the
+    window as corrections: ``late_share`` (the share of clicks after the window, from the same
+    recent delays) turns the fake-negative weights into those of a waiting window (Yang et al.
+    2021, ES-DFM); without a window it is 1, the weights of Ktena et al. 2019.
+
+    >>> window = WaitingWindow(quantile=0.9, max_s=60.0)
+    >>> window.shown("r1", "a", 0.0, {"item": "a"}), window.shown("r1", "b", 0.0, {"item": "b"})
+    (None, None)
+    >>> window.clicked("r1", "b"), window.click_delay(0.5, 0.0, True), window.release(59.0)
+    (True, None, [])
+    >>> window.settle_s, window.release(60.5)   # the window is still max_s: one delay is too few
+    (60.0, [({'item': 'a'}, 0.0), ({'item': 'b'}, 1.0)])
+
+    References: J. Yang, X. Li, S. Han, T. Zhuang, D. Zhan, X. Zeng, B. Tong. "Capturing Delayed
+    Feedback in Conversion Rate Prediction via Elapsed-Time Sampling", AAAI 2021; S. Gu, X.-R.
+    Sheng, Y. Fan, G. Zhou, X. Zhu. "Real Negatives Matter: Continuous Training with Real
+    Negatives for Delayed Feedback Modeling", KDD 2021.
+    """
+
+    MIN_DELAYS = 20
+
+    def __init__(self, quantile: float, max_s: float, recent: int = 2000) -> None:
+        if not 0 < quantile <= 1:
+            raise ValueError("WaitingWindow needs 0 < quantile <= 1")
+        super().__init__(max_s)
+        self.quantile, self.max_s = quantile, max_s
+        self._delays: deque[float] = deque(maxlen=recent)
+        self._in_window: deque[bool] = deque(maxlen=recent)
+
+    def admit(self, rows: pa.Table, final_labels: FinalLabels) -> pa.Table:
+        """The rows of a batch (``EXAMPLE_ROWS_SCHEMA``) to train now: its ``shown`` rows wait
+        here; a ``clicked`` row of a waiting item sets its label to 1 and is not trained itself (a
+        later one, of a slate in ``final_labels``, stays a correction); the rows whose window has
+        passed by the batch's newest ``ts`` come first, in the order their slates were shown."""
+        is_click = pc.fill_null(pc.equal(rows["kind"], CLICK), False)
+        shown = pc.fill_null(pc.and_(is_click, pc.equal(rows["stage"], SHOWN)), False).to_numpy(zero_copy_only=False)
+        clicked = pc.fill_null(pc.and_(is_click, pc.equal(rows["stage"], CLICKED)), False).to_numpy(zero_copy_only=False)
+        keep = ~shown
+        if shown.any():
+            for row in rows.filter(pa.array(shown)).to_pylist():
+                self.shown(row["request_id"], row["item_id"], row["ts"], row)
+        if clicked.any():
+            requests, items, ts = (rows[f].to_pylist() for f in ("request_id", "item_id", "ts"))
+            for r in np.flatnonzero(clicked):
+                in_window = self.clicked(requests[r], items[r])
+                keep[r] = not in_window
+                held = self if in_window else final_labels
+                self.click_delay(ts[r], held.shown_at(requests[r]), in_window)
+        released = self.release(pc.max(rows["ts"]).as_py() if rows.num_rows else None) if len(self) else []
+        rows = rows if keep.all() else rows.filter(pa.array(keep))
+        if not released:
+            return rows
+        return pa.concat_tables([pa.Table.from_pylist([{**row, "label": label} for row, label in released],
+                                                      schema=EXAMPLE_ROWS_SCHEMA), rows])
+
+    def click_delay(self, click_ts: float, slate_ts: float | None, in_window: bool) -> None:
+        """Record a click's delay after its slate (ignored when the slate is unknown), and
+        whether it came within the window."""
+        if slate_ts is None or not click_ts >= slate_ts:
+            return
+        self._delays.append(click_ts - slate_ts)
+        self._in_window.append(in_window)
+
+    def release(self, watermark: float | None = None) -> list[tuple[dict, float]]:
+        """As ``FinalLabels.release``, once the window is the quantile of the recent delays."""
+        if len(self._delays) >= self.MIN_DELAYS:
+            self.settle_s = min(self.max_s, max(float(np.quantile(self._delays, self.quantile)), 1e-9))
+        return super().release(watermark)
+
+    def table(self) -> pa.Table:
+        """The held rows with their labels (``EXAMPLE_ROWS_SCHEMA``), in the order their slates
+        were shown: what a checkpoint keeps."""
+        held = [(row, label) for _, items in self._slates.values() for row, label in items.values()]
+        return pa.Table.from_pylist([{**row, "label": label} for row, label in held], schema=EXAMPLE_ROWS_SCHEMA)
+
+    def state(self) -> dict:
+        """The recent delays and whether each came within the window (JSON), for a checkpoint."""
+        return {"delays": list(self._delays), "in_window": list(self._in_window)}
+
+    def load_state(self, state: dict, rows: pa.Table | None) -> None:
+        """Restore ``state`` and hold ``rows`` (``table``) again with their labels."""
+        self._delays.extend(state.get("delays", []))
+        self._in_window.extend(state.get("in_window", []))
+        for row in ([] if rows is None else rows.to_pylist()):
+            self.shown(row["request_id"], row["item_id"], row["ts"], {**row, "label": 0.0})
+            if row["label"] > 0:
+                self.clicked(row["request_id"], row["item_id"])
+
+    def late_share(self) -> float:
+        """The share of the recent clicks that came after the window (1 before any)."""
+        if not self._in_window:
+            return 1.0
+        return 1.0 - sum(self._in_window) / len(self._in_window)

@@ -51,7 +51,7 @@ from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from learner.calibration import PositionCalibration, logit
-from learner.feedback import FinalLabels, fake_negative_weights
+from learner.feedback import FinalLabels, WaitingWindow, fake_negative_weights
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
                              OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_FAILURES, PUBLISH_TS, RECONNECTS, RMSE,
                              SKIPPED)
@@ -89,7 +89,8 @@ class Checkpointer:
         path = self.folder / pointer.read_text().strip()
         return path if path.is_dir() else None
 
-    def save(self, model: OnlineMF, state: dict, outcomes: dict[str, np.ndarray]) -> Path:
+    def save(self, model: OnlineMF, state: dict, outcomes: dict[str, np.ndarray], waiting: pa.Table | None = None
+             ) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         previous = self.latest()
         n = int(previous.name.split("-")[1]) + 1 if previous else 1
@@ -99,6 +100,9 @@ class Checkpointer:
         model.save(tmp / "model")
         (tmp / "learner.json").write_text(json.dumps(state))
         np.savez(tmp / "outcomes.npz", **outcomes)
+        if waiting is not None and waiting.num_rows:
+            with pa.OSFile(str(tmp / "waiting.arrow"), "wb") as sink, pa.ipc.new_file(sink, waiting.schema) as writer:
+                writer.write_table(waiting)
         os.replace(tmp, target)
         pointer_tmp = self.folder / "LATEST.tmp"
         pointer_tmp.write_text(target.name)
@@ -107,9 +111,10 @@ class Checkpointer:
             shutil.rmtree(previous, ignore_errors=True)
         return target
 
-    def load(self) -> tuple[OnlineMF, dict, dict[str, np.ndarray]] | None:
-        """The model, the learner's state and the outcome keys (empty in a checkpoint from before
-        they were saved) of the latest checkpoint; None when there is none."""
+    def load(self) -> tuple[OnlineMF, dict, dict[str, np.ndarray], pa.Table | None] | None:
+        """The model, the learner's state, the outcome keys (empty in a checkpoint from before
+        they were saved) and the rows in the waiting window (None when it held none) of the latest
+        checkpoint; None when there is none."""
         path = self.latest()
         if path is None:
             return None
@@ -117,7 +122,11 @@ class Checkpointer:
         if (path / "outcomes.npz").is_file():
             with np.load(path / "outcomes.npz", allow_pickle=False) as arrays:
                 outcomes = dict(arrays)
-        return OnlineMF.load(path / "model"), json.loads((path / "learner.json").read_text()), outcomes
+        waiting = None
+        if (path / "waiting.arrow").is_file():
+            with pa.memory_map(str(path / "waiting.arrow")) as source:
+                waiting = pa.ipc.open_file(source).read_all()
+        return OnlineMF.load(path / "model"), json.loads((path / "learner.json").read_text()), outcomes, waiting
 
 
 class Learner:
@@ -135,8 +144,9 @@ class Learner:
             self.model = OnlineMF(n_factors=settings.n_factors, rating_range=settings.rating_range,
                                   device=settings.device, seed=0)
             state: dict = {}
+            waiting = None
         else:
-            self.model, state, outcomes = restored
+            self.model, state, outcomes, waiting = restored
             if outcomes:
                 self.outcomes.load_state(outcomes)
             log.info("resumed from checkpoint %s (offsets %s, %d outcome keys)", self.checkpointer.latest(),
@@ -153,6 +163,13 @@ class Learner:
         self.own_calibration = PositionCalibration()
         # The shown items of the ``immediate`` protocol, until their labels are final.
         self.final_labels: FinalLabels[list] = FinalLabels(settings.attribution_window_s)  # [logit, served logit, position]
+        # Under ``immediate``: the shown items' rows until the waiting window has passed, labelled
+        # by the clicks that arrived meanwhile (learner.feedback.WaitingWindow); checkpointed.
+        self.waiting: WaitingWindow | None = (
+            WaitingWindow(settings.feedback_wait_quantile, settings.attribution_window_s)
+            if settings.feedback_wait_quantile > 0 else None)
+        if self.waiting is not None:  # the rows it held at the checkpoint were read but not trained
+            self.waiting.load_state(state.get("waiting", {}), waiting)
         # Under ``wait``, each click outcome until its slate's negatives arrive (at most two windows).
         self.slate_order: SlateOrder[tuple] = SlateOrder(2 * settings.attribution_window_s)  # (logit, served, position, label)
         if state.get("click_calibration"):  # the fitted parameters survive; the windows refill
@@ -173,12 +190,18 @@ class Learner:
                                    pc.and_(pc.is_valid(rows["item_id"]), pc.is_valid(rows["label"]))), "invalid")
         rows = _kept(rows, pc.invert(pc.fill_null(rows["anomalous"], False)), "anomalous")
         rows = _kept(rows, pc.is_in(rows["kind"], pa.array(EXAMPLE_KINDS)), "unknown_kind")
+        if self.waiting is not None:
+            rows = self.waiting.admit(rows, self.final_labels)
+        trained = self._train(rows)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        return trained
+
+    def _train(self, rows: pa.Table) -> int:
         trained, size = 0, self.settings.batch_size
         for kind in EXAMPLE_KINDS:
             of_kind = rows.filter(pc.equal(rows["kind"], kind))
             for start in range(0, of_kind.num_rows, size):  # micro-batches of at most batch_size labelled items
                 trained += self._learn_part(kind, of_kind.slice(start, size))
-        BATCH_SECONDS.observe(time.perf_counter() - started)
         return trained
 
     def _learn_part(self, kind: str, batch: pa.Table) -> int:
@@ -189,7 +212,7 @@ class Learner:
             if kind == CLICK:
                 positions = batch["position"].to_numpy(zero_copy_only=False)
                 shown, corrections, slots = self._delayed_feedback(batch, positions)
-                weights = self._fake_negative_weights(users, items, positions, shown, corrections)
+                weights = self._fake_negative_weights(users, items, positions, labels, shown, corrections)
                 before = self.model.learn_batch(users, items, labels, kind=CLICK, positions=positions,
                                                 propensities=batch["propensity"].to_numpy(zero_copy_only=False),
                                                 weights=weights)
@@ -257,15 +280,18 @@ class Learner:
         slots: list = []
         if shown.any() or len(self.final_labels):
             requests, items, ts = (clicks[f].to_pylist() for f in ("request_id", "item_id", "ts"))
+            labels = clicks["label"].to_numpy()
             for row in np.flatnonzero(shown):
                 slots.append([np.nan, np.nan, positions[row]])
                 self.final_labels.shown(requests[row], items[row], ts[row], slots[-1])
+                if labels[row] > 0:  # clicked within the waiting window
+                    self.final_labels.clicked(requests[row], items[row])
             for row in np.flatnonzero(stages == CLICKED):
                 corrections[row] = self.final_labels.clicked(requests[row], items[row])
         return shown, corrections, slots
 
-    def _fake_negative_weights(self, users: list[str], items: list[str], positions: np.ndarray, shown: np.ndarray,
-                               corrections: np.ndarray) -> np.ndarray | None:
+    def _fake_negative_weights(self, users: list[str], items: list[str], positions: np.ndarray, labels: np.ndarray,
+                               shown: np.ndarray, corrections: np.ndarray) -> np.ndarray | None:
         """The fake-negative loss weights (``learner.feedback``) of the delayed-feedback rows, 1
         elsewhere; None when the batch has none. The click probability is the calibrated one at
         the shown position, by the model of before this batch."""
@@ -276,8 +302,14 @@ class Learner:
         p = self.model.predict([users[r] for r in rows], [items[r] for r in rows], kind=CLICK)
         p_hat = self.own_calibration.predict(logit(p), positions[rows])
         weights = np.ones(len(users))
-        weights[rows] = fake_negative_weights(p_hat, corrections[rows])
+        positive = corrections[rows] | (labels[rows] > 0)
+        weights[rows] = fake_negative_weights(p_hat, positive, self.late_share())
         return weights
+
+    def late_share(self) -> float:
+        """The share of clicks that arrive after the waiting window (1 without one: every click
+        corrects a negative already trained)."""
+        return 1.0 if self.waiting is None else self.waiting.late_share()
 
     def _final_click_scores(self, clicks: pa.Table, probabilities: np.ndarray, positions: np.ndarray,
                             labels: np.ndarray, shown: np.ndarray, corrections: np.ndarray, slots: list
@@ -362,7 +394,8 @@ class Learner:
             "seq": self.seq, "max_event_ts": self.max_event_ts, "saved_ts": time.time(),
             "click_calibration": self.calibration.state(),
             "own_click_calibration": self.own_calibration.state(),
-        }, self.outcomes.state())
+            "waiting": self.waiting.state() if self.waiting is not None else {},
+        }, self.outcomes.state(), self.waiting.table() if self.waiting is not None else None)
 
     # -- the loop ---------------------------------------------------------------------------
 

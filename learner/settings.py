@@ -50,6 +50,10 @@ class LearnerSettings:
     # The worker's attribution window: under its ``immediate`` feedback protocol a shown item's
     # label is final this long after its slate (learner.feedback).
     attribution_window_s: float = field(default_factory=lambda: StreamSettings().attribution_window_s)
+    # Under ``immediate``: a shown item waits this quantile of the recent click delays (at most the
+    # attribution window) before it trains, so that a click arriving meanwhile trains with it as its
+    # label (learner.feedback, the waiting window); 0 trains every provisional negative at once.
+    feedback_wait_quantile: float = field(default_factory=lambda: env_float("FEEDBACK_WAIT_QUANTILE", 0.9))
     # Outcome keys (learner.outcomes): seconds of event time each is remembered (None: the
     # attribution window + OUTCOME_MARGIN_S), and the most kept
     outcome_window_s: float | None = field(
