@@ -58,7 +58,8 @@ class StreamSettings:
     idle_grace_s: float = field(default_factory=lambda: env_float("IDLE_GRACE_S", 2.0))
     # The feedback protocol (stream.worker.join): "wait" sends a slate's unclicked items when its
     # attribution window closes; "immediate" sends every shown item at once, a click corrects it.
-    feedback: str = field(default_factory=lambda: env("FEEDBACK", "wait"))
+    # The default learns a one-instant burst of slates, which "wait" does not (docs/learner.md).
+    feedback: str = field(default_factory=lambda: env("FEEDBACK", "immediate"))
     # An event whose ts is more than this many seconds ahead of the worker's clock is dead-lettered
     # (reason ts_in_future): one such event would move the event-time watermark for good.
     max_future_s: float = field(default_factory=lambda: env_float("MAX_FUTURE_S", DEFAULT_MAX_FUTURE_S))
