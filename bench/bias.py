@@ -11,6 +11,12 @@ Result fields (the last stdout line, also ``bench/results/bias.json``; means ove
   best slates).
 - ``examination_fitted``: the IPS learner's position-bias estimate at the end, next to
   ``examination_true``.
+- ``ndcg_wait``, ``ndcg_immediate``, ``ctr_wait``, ``ctr_immediate``: the same figures of the
+  learner service (``Learner.learn``, IPS-corrected) trained on the same traffic through the
+  worker (``IngestPipeline``, ``attribution_window_s``) under each feedback protocol, in polls of
+  ``protocol_poll`` messages; compare them with ``ndcg_ips``. ``clicks_sent_wait``,
+  ``clicks_sent_immediate``: the clicks each worker sent its learner, of the ``clicks_logged``
+  the models above learned (the difference: clicks later than the window). 20-50 s a seed.
 - ``attack_flagged_share``: share of bot accounts flagged, averaged over the ends of the attack
   steps (target >= 0.9); ``normal_flagged_share``: the same for the normal users who made a
   request in that step (target <= 0.01). ``normal_ever_flagged_share``: normal users flagged at
@@ -23,7 +29,7 @@ Result fields (the last stdout line, also ``bench/results/bias.json``; means ove
   ``obd_examination_bts`` (the ``PositionBiasEstimator`` fitted on ``bts/men.csv``, relative to
   position 1) and ``obd_max_abs_diff`` between the two curves.
 
-    python -m bench.bias [--quick] [--seeds 0 1 2] [--eta 1.0] [--obd ../shared/data/obd]
+    python -m bench.bias [--quick] [--seeds 0 1 2] [--eta 1.0] [--protocol-poll 64] [--obd ../shared/data/obd]
 """
 from __future__ import annotations
 
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--popularity-alpha", type=float, default=BiasConfig.popularity_alpha,
                         help="logging policy: popularity weight of the item of rank r is r**-alpha "
                              "(default: %(default)s)")
+    parser.add_argument("--protocol-poll", type=int, default=BiasConfig.protocol_poll,
+                        help="messages per Learner.learn call of the feedback-protocol learners "
+                             "(default: %(default)s)")
     parser.add_argument("--obd", type=Path, default=Path("../shared/data/obd"),
                         help="Open Bandit sample with random/ and bts/ (default: %(default)s)")
     parser.add_argument("--device", default=BiasConfig.device,
@@ -68,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else FULL_SEEDS)
     configs = [BiasConfig(n_users=args.users, n_items=args.items, eta=args.eta, popularity_alpha=args.popularity_alpha,
-                          seed=seed, device=args.device, threads=args.threads) for seed in seeds]
+                          protocol_poll=args.protocol_poll, seed=seed, device=args.device, threads=args.threads)
+               for seed in seeds]
 
     start = time.perf_counter()
     runs = [run(config, progress=not args.no_progress) for config in configs]

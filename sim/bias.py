@@ -40,10 +40,26 @@ in [0, 1]), ranking the whole catalogue. The traffic of every step, as contract-
 impression and click events in event-time order, also runs through
 ``stream.anomaly.detector.AnomalyDetector``; during the bot attack (10 steps, 5 bots) it measures
 who is flagged.
+
+The worker's feedback protocols measured (``ndcg_wait``, ``ndcg_immediate``, ``ctr_*``): the
+models above learn each step's log at once, every shown item labelled (an order no stream
+delivers). Two more learners get the normal users' events of the same learning steps as the
+service does: in event-time order through ``stream.worker.pipeline.IngestPipeline`` (batches of
+1 s of event time; attribution window ``attribution_window_s`` = 60 s, since clicks come 1 s +
+Exp(8 s) after the slate, 99.94% within it, the rest late and lost as in the service) under
+``feedback="wait"`` or ``"immediate"``; the examples, in the order the worker emits them, train
+``learner.service.Learner.learn`` in polls of ``protocol_poll`` = 64 messages (display-bias
+correction and, under ``immediate``, the fake-negative weights included), from the same initial
+model. Before the evaluation every slate is closed, so each worker has sent its learner every
+click of the log but the late ones (``clicks_sent_<protocol>`` of ``clicks_logged``). They draw
+nothing from the simulation's random streams: the other figures are those of a run without them.
+They add 20-50 s a seed here (140 s with the learner's former 50,000-outcome calibration window).
 """
 from __future__ import annotations
 
+import bisect
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,14 +69,19 @@ from tqdm import tqdm
 
 from learner.online_mf import OnlineMF
 from learner.position_bias import PositionBiasEstimator
+from learner.service import Learner
+from learner.settings import LearnerSettings
 from stream.anomaly import AnomalyDetector
 from stream.events import click as click_event
-from stream.events import impression
+from stream.events import encode, impression
+from stream.examples import CLICK, FEEDBACK_PROTOCOLS, POSITIVE, Example, example_batch
+from stream.worker.pipeline import IngestPipeline, Record
 from sim.simulator import Request, Schedule, Simulation, ndcg_at_k
 from sim.sources import obd_events
 
 DETECTOR_BATCH = 1000  # events per AnomalyDetector.observe_batch call, like a worker batch
 POLICY_VERSION = "popularity-shelf"  # model_version of the logged impressions
+WORKER_BATCH_S = 1.0  # event time per IngestPipeline.process call of the protocol learners (the worker's timeout)
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,14 @@ class BiasConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    # The protocol learners' attribution window: a click comes 1 s + Exp(8 s) after its slate
+    # (sim.simulator), so 99.94% come within 60 s; the demo's worker uses 60 s too.
+    attribution_window_s: float = 60.0
+    # Messages per Learner.learn call of the protocol learners (bench.feedback's poll; live, at this
+    # traffic's ~30 messages/s and a 0.2 s poll timeout, the learner would get fewer). ndcg_wait
+    # depends on it: seed 0 gave 0.672 at 64, 0.665 at 256, 0.759 at 1024 (ndcg_immediate 0.744-0.750;
+    # learner of commit db65ec7).
+    protocol_poll: int = 64
 
 
 # The learners compared; each entry names the learn_batch arguments it gets besides the labels.
@@ -110,19 +139,21 @@ class PopularityPolicy:
 
 
 def run(config: BiasConfig, progress: bool = True) -> dict:
-    """One simulation: both learners on the shared log, then the attack through the detector.
+    """One simulation: the learners on the shared log and through the worker's two feedback
+    protocols, then the attack through the detector.
 
     Runs torch on ``config.threads`` threads (restored afterwards): the batches are small and the
     machines shared, and one thread is several times faster than two contending ones here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _run(config, progress)
+        with tempfile.TemporaryDirectory(prefix="streamrec-bias-") as root:
+            return _run(config, progress, Path(root))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: BiasConfig, progress: bool) -> dict:
+def _run(config: BiasConfig, progress: bool, root: Path) -> dict:
     schedule = Schedule(warmup=config.warmup_steps, steady=config.steady_steps,
                         attack=config.attack_steps, shift=0)
     sim = Simulation.planted(config.n_users, config.n_items, config.world_factors, config.seed,
@@ -133,6 +164,8 @@ def _run(config: BiasConfig, progress: bool) -> dict:
     models = {name: OnlineMF(config.model_factors, seed=config.seed, device=config.device) for name in LEARNERS}
     detector = AnomalyDetector(seed=config.seed)
     watch = AttackWatch(sim)
+    protocols = ProtocolLearners(sim, config, root)
+    clicks_logged = 0
     pending: list[dict] = []
     result: dict = {}
     learn_until = schedule.start("attack")
@@ -143,8 +176,12 @@ def _run(config: BiasConfig, progress: bool) -> dict:
         events, log = simulate_step(sim, requests, items, propensities)
         if step < learn_until:
             learn(models, log, config.batch_size)
+            clicks_logged += int(log["labels"].sum())
+            last = step == learn_until - 1  # then every slate of the learning steps closes
+            protocols.observe(events, until=None if last else schedule.step_ts(step + 1))
         if step == learn_until - 1:
-            result.update(evaluate(sim, models, policy, rng, step, config.slate_size))
+            result.update(evaluate(sim, {**models, **protocols.models()}, policy, rng, step, config.slate_size))
+            result.update(clicks_logged=clicks_logged, **protocols.clicks())
         end = schedule.step_ts(step + 1)
         pending += events
         pending.sort(key=lambda e: e["ts"])
@@ -197,6 +234,90 @@ def learn(models: dict[str, OnlineMF], log: dict[str, np.ndarray], batch_size: i
         for name, model in models.items():
             extra = {key: part[key] for key in LEARNERS[name]}
             model.learn_batch(part["users"], part["items"], part["labels"], kind="click", **extra)
+
+
+class ProtocolLearners:
+    """The learner service behind the worker, once per feedback protocol (module docstring).
+
+    Feeds the normal users' events of the learning steps, in event-time order, to one
+    ``IngestPipeline`` per protocol in worker batches of ``WORKER_BATCH_S`` of event time, and
+    each pipeline's examples, in the order it emits them, to its ``Learner`` in polls of
+    ``config.protocol_poll`` messages. Draws nothing random: it only reads the events it is given."""
+
+    def __init__(self, sim: Simulation, config: BiasConfig, root: Path) -> None:
+        self.bots = frozenset(sim.bot_ids)
+        self.window_s = config.attribution_window_s
+        self.runs = {feedback: _ProtocolRun(feedback, config, root / feedback) for feedback in FEEDBACK_PROTOCOLS}
+        self.pending: list[dict] = []
+        self.offset = 0
+        self.newest = float("-inf")
+
+    def observe(self, events: list[dict], until: float | None) -> None:
+        """Take a step's events (the bots' left out, as from the log) and process those before
+        ``until`` in event-time order; with ``until=None`` all of them, then close every slate
+        and train every example left."""
+        self.pending += [e for e in events if e["user_id"] not in self.bots]
+        self.pending.sort(key=lambda e: e["ts"])
+        cut = len(self.pending) if until is None else bisect.bisect_left([e["ts"] for e in self.pending], until)
+        due, self.pending = self.pending[:cut], self.pending[cut:]
+        start = 0
+        for end in range(1, len(due) + 1):
+            if end == len(due) or due[end]["ts"] - due[start]["ts"] >= WORKER_BATCH_S:
+                records = [Record(encode(e), partition=0, offset=self.offset + n) for n, e in enumerate(due[start:end])]
+                self.offset += len(records)
+                for protocol in self.runs.values():
+                    protocol.process(records)
+                start = end
+        if due:
+            self.newest = due[-1]["ts"]
+        if until is None:
+            for protocol in self.runs.values():
+                protocol.close(self.newest + 2 * self.window_s)
+
+    def models(self) -> dict[str, OnlineMF]:
+        """Each protocol's learner's model, by protocol name."""
+        return {feedback: protocol.learner.model for feedback, protocol in self.runs.items()}
+
+    def clicks(self) -> dict[str, int]:
+        """``clicks_sent_<protocol>``: the clicks (label-1 click rows) each worker sent its learner."""
+        return {f"clicks_sent_{feedback}": protocol.clicks for feedback, protocol in self.runs.items()}
+
+
+class _ProtocolRun:
+    """One protocol's worker pipeline and learner."""
+
+    def __init__(self, feedback: str, config: BiasConfig, root: Path) -> None:
+        window = config.attribution_window_s
+        self.pipeline = IngestPipeline(attribution_window_s=window, feedback=feedback)
+        self.learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", n_factors=config.model_factors,
+                                               device=config.device, store_dir=root / "store",
+                                               checkpoint_dir=root / "ckpt", attribution_window_s=window))
+        # The same initial model as the log-trained ones (a new Learner seeds its model with 0).
+        self.learner.model = OnlineMF(config.model_factors, seed=config.seed, device=config.device)
+        self.poll = config.protocol_poll
+        self.queue: list[Example] = []
+        self.clicks = 0
+
+    def process(self, records: list[Record]) -> None:
+        self.queue += self.pipeline.process(records).examples
+        self._train(everything=False)
+
+    def close(self, watermark: float) -> None:
+        """Move event time to ``watermark`` (closing the slates whose window ended before it), then
+        train every example queued, the last poll partial."""
+        self.queue += self.pipeline.partition(0).joiner.advance(watermark)
+        self._train(everything=True)
+
+    def _train(self, everything: bool) -> None:
+        poll = self.poll
+        end = len(self.queue) if everything else len(self.queue) - len(self.queue) % poll
+        for start in range(0, end, poll):
+            batch = example_batch(self.queue[start:min(start + poll, end)])
+            rows = batch.rows
+            self.learner.learn(batch)
+            kinds, labels = rows["kind"].to_numpy(zero_copy_only=False), rows["label"].to_numpy()
+            self.clicks += int(((kinds == CLICK) & (labels == POSITIVE)).sum())
+        del self.queue[:end]
 
 
 def evaluate(sim: Simulation, models: dict[str, OnlineMF], policy: PopularityPolicy,
@@ -321,5 +442,6 @@ def summarize(runs: list[dict]) -> dict:
     out["examination_fitted"] = np.mean([r["examination_fitted"] for r in runs], axis=0).round(3).tolist()
     out["examination_true"] = runs[0]["examination_true"]
     out["per_seed"] = {key: [r[key] for r in runs] for key in (
-        "gain", "ndcg_naive", "ndcg_ips", "ndcg_position_only", "attack_flagged_share", "normal_flagged_share")}
+        "gain", "ndcg_naive", "ndcg_ips", "ndcg_position_only", "ndcg_wait", "ndcg_immediate", "ctr_wait",
+        "ctr_immediate", "attack_flagged_share", "normal_flagged_share")}
     return out
