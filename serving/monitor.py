@@ -19,7 +19,8 @@ It reads the outcomes on ``examples`` (``stream.examples.Example``), one row per
   not scored (the learner skips them too); every outcome is counted by how its version was found
   in ``streamrec_serving_examples_total{result}``.
 * **drift** (``serving.drift``), in three groups (docs/monitoring.md says which answers what):
-  what the model cannot change, which may alarm (``user_activity``: which users act;
+  what the model cannot change, which may alarm (``user_activity``: which users come, a slate
+  shown or a rating each, not who clicks, which depends on what the model showed them;
   ``new_users``, ``new_items``: the share of scored outcomes whose user or item the serving
   version does not know); what the model changes itself, statistics that never alarm
   (``score``, ``item_popularity``, ``label_rate``: the feedback loop moves them whenever the
@@ -157,6 +158,7 @@ class Monitor:
         items, users, labels, popular = [], [], [], []
         click_variants: list[object] = []  # the variant of each scored click outcome (None outside A/B tests)
         pending: list[tuple] = []  # (request_id, label, ts, what to score) in arrival order
+        slates_seen: set[str] = set()  # request_ids of this batch counted in user_activity
         for example in examples:
             parsed = _parse(example)
             if parsed is None:
@@ -167,15 +169,18 @@ class Monitor:
             if kind == RATING or label > 0:
                 self.seen.add(user, item)
                 items.append(item)
-                users.append(user)
                 if not anomalous:
                     popular.append(item)
+            request_id = example.get("request_id") if kind == CLICK else None
+            request_id = request_id if isinstance(request_id, str) else None
+            if kind == RATING or (label <= 0 and request_id not in slates_seen):  # who comes: a slate once
+                users.append(user)
+                if request_id is not None:
+                    slates_seen.add(request_id)
             if anomalous:
                 results["anomalous"] = results.get("anomalous", 0) + 1
                 continue
             self._recent.append(outcome_of(example, user, item, label, kind))
-            request_id = example.get("request_id") if kind == CLICK else None
-            request_id = request_id if isinstance(request_id, str) else None
             stage = example.get("stage")
             if request_id is not None and stage == CLICKED and self.final_labels.clicked(request_id, item):
                 continue  # corrects a shown item, which is scored with its final label

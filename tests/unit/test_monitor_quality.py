@@ -197,3 +197,25 @@ def test_a_steady_trickle_of_new_users_in_slate_bursts_raises_no_alarm():
         monitor.refresh_drift()
         assert gauge(metrics, "streamrec_drift_alarm", signal="new_users") == 0
     assert fresh > 10
+
+
+def test_user_activity_counts_who_comes_not_who_clicks():
+    """The same users ask for slates throughout; then 50 of them click almost everything shown and
+    the rest nothing (what a model that suits only them would cause). Who comes did not change:
+    no ``user_activity`` alarm, where counting the clicking users alarmed."""
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model, window=300)
+    rng = np.random.default_rng(5)
+    raised = set()
+    for batch in range(24):
+        rows = []
+        for slate in range(200):
+            user = int(rng.integers(500))
+            clicked = 4 if batch >= 12 and user < 50 else int(rng.random() < 0.3) * (batch < 12)
+            rows += [{"user_id": f"u{user}", "item_id": f"i{int(rng.integers(N_ITEMS))}", "label": float(k < clicked),
+                      "kind": "click", "model_version": "mf-1", "ts": 0.0, "anomalous": False, "position": k + 1,
+                      "propensity": 0.2, "request_id": f"r{batch}-{slate}"} for k in range(5)]
+        monitor.observe(rows)
+        monitor.refresh_drift()
+        raised |= {s for s, v in alarms(metrics, ("user_activity",)).items() if v == 1}
+    assert not raised
