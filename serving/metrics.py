@@ -59,6 +59,10 @@ class ServingMetrics:
                                  "PSI above its false-alarm threshold, or Page-Hinkley on the served model's "
                                  "errors (loss_click: calibration error p - y; loss_rating: squared error in "
                                  "excess of the mean rating's).", ["signal"], registry=r)
+        self.drift_alarms = Counter("streamrec_drift_alarms", "Drift alarms raised: each Page-Hinkley alarm, and "
+                                    "each time an exogenous signal's PSI turns from below its threshold to above "
+                                    "(streamrec_drift_alarm may be up for less than a scrape interval).", ["signal"],
+                                    registry=r)
         self.drift_threshold = Gauge("streamrec_drift_psi_threshold", "The PSI above which an exogenous signal "
                                      f"alarms (false-alarm probability {ALPHA:g} per comparison of independent draws).",
                                      ["signal"], registry=r)
@@ -127,6 +131,7 @@ class ServingMetrics:
             self.drift_ks.labels(signal).set(float("nan"))
         for signal in EXOGENOUS_SIGNALS + LOSS_SIGNALS:
             self.drift_alarm.labels(signal).set(0)
+            self.drift_alarms.labels(signal)
         for signal in EXOGENOUS_SIGNALS:
             self.drift_threshold.labels(signal).set(float("nan"))
         for signal in LOSS_SIGNALS:

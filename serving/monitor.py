@@ -135,6 +135,7 @@ class Monitor:
             "label_rate": NumericDrift(drift_window),
         }
         self._recent: deque[Outcome] = deque(maxlen=shadow_window)
+        self._alarming: set[str] = set()  # exogenous signals alarming at the last refresh
         self.drift_every_s = drift_every_s
         self._drift_at = 0.0
 
@@ -247,7 +248,9 @@ class Monitor:
         else:
             change = np.square(predicted - labels) - np.square(baseline - labels)
         detector = self.loss_drift[kind]
+        raised = detector.alarms
         detector.update_many(change)
+        self.metrics.drift_alarms.labels(f"loss_{kind}").inc(detector.alarms - raised)
         self.metrics.concept_drift.labels(f"loss_{kind}").set(detector.statistic)
         self.metrics.drift_alarm.labels(f"loss_{kind}").set(int(detector.alarm))
         slates = [o[0] for o in outcomes]  # a user's outcomes come in bursts: the design effect's clusters
@@ -280,6 +283,11 @@ class Monitor:
             if signal not in ENDOGENOUS_SIGNALS:  # the feedback loop moves those: they never alarm
                 self.metrics.drift_threshold.labels(signal).set(stats.threshold)
                 self.metrics.drift_alarm.labels(signal).set(int(stats.alarm))
+                if not stats.alarm:
+                    self._alarming.discard(signal)
+                elif signal not in self._alarming:  # a new alarm: counted once, however long it lasts
+                    self._alarming.add(signal)
+                    self.metrics.drift_alarms.labels(signal).inc()
 
 
 async def follow_examples(monitor: Monitor, bootstrap_servers: str, topic: str, lookback_s: float,

@@ -191,14 +191,18 @@ def _observe(step: int, stats, ports: dict[str, int], seconds: float, rows: list
               for name in ("served_rmse", "served_baseline_rmse")}
     single = {name: total(serving, f"streamrec_{name}") if _has(serving, f"streamrec_{name}") else float("nan")
               for name in ("served_logloss", "served_baseline_logloss", "served_auc", "served_calibration")}
-    alarms = sorted(signal for signal, value in _labelled(serving, "streamrec_drift_alarm", "signal").items()
-                    if value == 1)
+    # a signal alarmed in this step if its gauge is up now or its alarm counter rose since the last
+    # step (a Page-Hinkley alarm's gauge holds for 500 outcomes, less than a step of the full demo)
+    raised = _labelled(serving, "streamrec_drift_alarms_total", "signal")
+    before = previous.get("drift_alarms_total", {})
+    alarms = sorted({signal for signal, value in _labelled(serving, "streamrec_drift_alarm", "signal").items()
+                     if value == 1} | {signal for signal, n in raised.items() if n > before.get(signal, 0.0)})
     return {
         "step": step, "phase": stats.phase, "requests": stats.requests, "ctr": stats.ctr,
         "ctr_oracle": stats.ctr_oracle, "ctr_popularity": stats.ctr_popularity,
         "baseline_rmse": served["served_baseline_rmse"], "logloss": single["served_logloss"],
         "baseline_logloss": single["served_baseline_logloss"], "auc": single["served_auc"],
-        "calibration": single["served_calibration"], "drift_alarms": alarms,
+        "calibration": single["served_calibration"], "drift_alarms": alarms, "drift_alarms_total": raised,
         "events_total": events, "events_per_s": (events - previous["events_total"]) / max(seconds, 1e-3),
         "anomalies_total": anomalies, "anomalies": int(anomalies - previous["anomalies_total"]),
         "flagged_total": flagged, "flagged_examples": int(flagged - previous["flagged_total"]),

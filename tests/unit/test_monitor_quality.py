@@ -219,3 +219,18 @@ def test_user_activity_counts_who_comes_not_who_clicks():
         monitor.refresh_drift()
         raised |= {s for s, v in alarms(metrics, ("user_activity",)).items() if v == 1}
     assert not raised
+
+
+def test_a_concept_drift_alarm_is_counted_though_its_gauge_is_down_by_the_next_scrape():
+    """Busy traffic: the alarm's gauge holds for 500 outcomes, fewer than arrive between two
+    scrapes; streamrec_drift_alarms_total keeps it (the demo and the alert rule read it)."""
+    model = served_model((tuple(EXAMINATION), 1.0))
+    monitor, metrics = make_monitor(model)
+    rng = np.random.default_rng(5)
+    truth = click_bias_of(model)
+    for _ in range(10):
+        monitor.observe(clicks(rng, 500, truth))
+    assert gauge(metrics, "streamrec_drift_alarms_total", signal="loss_click") == 0
+    monitor.observe(clicks(rng, 6000, -truth))  # one scrape interval: the alarm, then 500 outcomes more
+    assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
+    assert gauge(metrics, "streamrec_drift_alarms_total", signal="loss_click") >= 1
