@@ -124,13 +124,19 @@ def test_an_exogenous_shift_alarms_and_endogenous_signals_never_do():
         assert gauge(metrics, "streamrec_drift_alarm", signal=signal) is None  # ... and never alarm
 
 
-def test_the_concept_drift_alarm_rises_when_the_served_loss_degrades():
+def _steady_monitor(seed):
+    """A monitor after 5,000 click outcomes of a world its calibrated model knows."""
     model = served_model((tuple(EXAMINATION), 1.0))
     monitor, metrics = make_monitor(model)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     truth = click_bias_of(model)
     for _ in range(10):
         monitor.observe(clicks(rng, 500, truth))
+    return monitor, metrics, rng, truth
+
+
+def test_the_concept_drift_alarm_rises_when_the_served_loss_degrades():
+    monitor, metrics, rng, truth = _steady_monitor(5)
     assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
     quiet = gauge(metrics, "streamrec_concept_drift_statistic", signal="loss_click")
     statistics = []
@@ -224,12 +230,7 @@ def test_user_activity_counts_who_comes_not_who_clicks():
 def test_a_concept_drift_alarm_is_counted_though_its_gauge_is_down_by_the_next_scrape():
     """Busy traffic: the alarm's gauge holds for 500 outcomes, fewer than arrive between two
     scrapes; streamrec_drift_alarms_total keeps it (the demo and the alert rule read it)."""
-    model = served_model((tuple(EXAMINATION), 1.0))
-    monitor, metrics = make_monitor(model)
-    rng = np.random.default_rng(5)
-    truth = click_bias_of(model)
-    for _ in range(10):
-        monitor.observe(clicks(rng, 500, truth))
+    monitor, metrics, rng, truth = _steady_monitor(5)
     assert gauge(metrics, "streamrec_drift_alarms_total", signal="loss_click") == 0
     monitor.observe(clicks(rng, 6000, -truth))  # one scrape interval: the alarm, then 500 outcomes more
     assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
