@@ -13,11 +13,12 @@ trained in micro-batches of at most ``batch_size`` labelled items per kind:
    click log loss pair). For clicks the figure is of the probability at the shown position, from a
    ``PositionCalibration`` fitted (unweighted) on the same clicks, predict-then-train; its state
    goes out with every delta and snapshot and into the checkpoint (the fitted parameters are
-   restored; its window of outcomes refills after a restart). Ranking keeps the position-free
-   attractiveness. Under the worker's ``immediate`` feedback protocol the click loss is the
-   fake-negative weighted one, and a shown item is scored once its label is final
-   (``learner.feedback``; the items waiting for it are not checkpointed: after a restart their
-   clicks train as plain positives);
+   restored; its window of outcomes refills after a restart). Click outcomes reach the
+   calibrations and figures slate by slate (``learner.slate_order``). Ranking keeps the
+   position-free attractiveness. Under the worker's ``immediate`` feedback protocol a shown item
+   waits for a click in a waiting window (checkpointed) and then trains with the window's
+   importance weights, and it is scored once its label is final (``learner.feedback``; the
+   scoring is not checkpointed: after a restart those clicks train as plain positives);
 3. every ``publish_interval_s``: the rows touched since the last publish go out as a delta on
    ``model.updates``; every ``snapshot_interval_s``: a checksummed snapshot goes to the model
    store and its manifest onto ``model.updates`` (format: ``learner/PUBLISHING.md``);
