@@ -102,6 +102,11 @@ class PositionCalibration:
             self._pending = 0
             self._fit()
 
+    def forget(self) -> None:
+        """Drop the outcomes held (the fitted parameters stay, as the next fit's prior); the next
+        fit comes after 100 new outcomes."""
+        self._next = self._n = self._pending = 0
+
     def _objective(self, theta: np.ndarray, prior: np.ndarray, slots: np.ndarray, logits: np.ndarray,
                    labels: np.ndarray) -> float:
         """Penalised negative log-likelihood (computed stably: log(1 + e^z) = logaddexp(0, z))."""

@@ -161,6 +161,7 @@ class Learner:
         # scores of the items it showed (what serving applies it to), and the learner's own, of its
         # prequential scores (its figures and the fake-negative weights).
         self.calibration = PositionCalibration()
+        self._served_scores = False  # whether the published calibration has learned serving's scores yet
         self.own_calibration = PositionCalibration()
         # The shown items of the ``immediate`` protocol, until their labels are final.
         self.final_labels: FinalLabels[list] = FinalLabels(settings.attribution_window_s)  # [logit, served logit, position]
@@ -322,11 +323,13 @@ class Learner:
         quick demo's start), and the shown items whose window passed (``immediate``: held
         meanwhile in ``final_labels``; a correction is not scored itself). The probabilities come from its own
         calibration of before those outcomes. Both calibrations then learn from them (unweighted:
-        they must not see the IPS weights); the published one from serving's score of each item,
-        where the impression carried one (else from the learner's)."""
+        they must not see the IPS weights); the published one from serving's score of each item.
+        Until impressions carry scores (no model served yet) it learns the learner's logits
+        instead, and it forgets those outcomes at the first scored ones: slates chosen without a
+        model tell nothing of how the model's scores map to clicks (kept, they made the first
+        steady steps of the quick demo read 0.5-0.7)."""
         logits = logit(probabilities)
-        served = logit(clicks["score"].to_numpy(zero_copy_only=False).astype(np.float64))
-        served = np.where(np.isfinite(served), served, logits)
+        served = logit(clicks["score"].to_numpy(zero_copy_only=False).astype(np.float64))  # NaN: no score
         for slot, own, serving in zip(slots, logits[shown], served[shown]):
             slot[0], slot[1] = own, serving
         final = np.flatnonzero(~(shown | corrections))
@@ -341,7 +344,14 @@ class Learner:
         positions = positions.astype(np.int64)
         calibrated = self.own_calibration.predict(logits, positions)
         self.own_calibration.update(logits, positions, labels)
-        self.calibration.update(served, positions, labels)
+        scored = np.isfinite(served)
+        if scored.any() and not self._served_scores:
+            self._served_scores = True
+            self.calibration.forget()
+        if self._served_scores:
+            self.calibration.update(served[scored], positions[scored], labels[scored])
+        else:
+            self.calibration.update(logits, positions, labels)
         return calibrated, labels
 
     def click_calibration(self) -> tuple[tuple[float, ...], float]:

@@ -19,20 +19,23 @@ from stream.worker.pipeline import IngestPipeline, Record
 SLATE = 4
 
 
-def _served_world(seed: int, n_slates: int, inflation: float):
+def _served_world(seed: int, n_slates: int, inflation: float, clickiness: float = 1.0, scored: bool = True,
+                  first: int = 0):
     """Slates whose served scores are the true attractiveness logit plus ``inflation`` (the
-    winner's curse of a policy that shows what it over-rates); examination 1/k at position k."""
+    winner's curse of a policy that shows what it over-rates); examination ``clickiness``/k at
+    position k; ``scored`` False: impressions without scores (no model served them)."""
     rng = np.random.default_rng(seed)
     appeal = rng.normal(-1.0, 1.0, 200)  # each item's true attractiveness logit
     batch = []
-    for k in range(n_slates):
+    for k in range(first, first + n_slates):
         shown = rng.choice(200, SLATE, replace=False)
         truth = appeal[shown]
         imp = {"event_id": f"imp-{k}", "user_id": f"u{k % 50}", "ts": float(k), "request_id": f"r{k}",
                "model_version": "m", "policy": "greedy",
                "items": [{"item_id": f"i{i}", "position": p + 1, "propensity": 1.0,
-                          "score": float(sigmoid(t + inflation))} for p, (i, t) in enumerate(zip(shown, truth))]}
-        clicked = rng.random(SLATE) < sigmoid(truth) / np.arange(1, SLATE + 1)
+                          "score": float(sigmoid(t + inflation)) if scored else None}
+                         for p, (i, t) in enumerate(zip(shown, truth))]}
+        clicked = rng.random(SLATE) < clickiness * sigmoid(truth) / np.arange(1, SLATE + 1)
         batch += [click_example(imp, [item], CLICKED, imp["ts"], f"c{k}-{p}", 50.0)
                   for p, (item, c) in enumerate(zip(imp["items"], clicked)) if c]
         if not clicked.all():
@@ -98,3 +101,21 @@ def test_the_worker_carries_each_shown_item_s_score_into_its_example_and_through
     for pipeline in (live, restored):
         (closed,) = pipeline.partition(0).joiner.advance(now + 61)
         assert [(i["item_id"], i["score"]) for i in closed["items"]] == [("a", 0.7), ("b", None)]
+
+
+def test_outcomes_of_slates_served_without_a_model_leave_the_published_calibration(tmp_path):
+    """Before the first model, slates come without scores (here clicked half as often); the
+    calibration learns the learner's logits meanwhile and forgets them at the first scored
+    outcomes, which alone describe serving's scores."""
+    before = [m for batch in _served_world(1, 2500, 0.0, clickiness=0.5, scored=False) for m in batch]
+    after = [m for batch in _served_world(0, 1200, 1.5, first=2500) for m in batch]
+    learner = Learner(LearnerSettings(bootstrap_servers="unused:9092", n_factors=4, device="cpu",
+                                      checkpoint_dir=tmp_path / "ckpt", store_dir=tmp_path / "store"))
+    for messages in (before, after):
+        for start in range(0, len(messages), 500):
+            learner.learn(example_batch(messages[start:start + 500]))
+    rows = example_batch([m for m in after if m["ts"] >= 3100]).rows
+    served = rows["score"].to_numpy()
+    predicted = click_probability(*learner.click_calibration(), np.log(served) - np.log1p(-served),
+                                  rows["position"].to_numpy())
+    assert 0.9 <= predicted.mean() / rows["label"].to_numpy().mean() <= 1.1
