@@ -67,7 +67,7 @@ class ExampleItem(TypedDict):
     item_id: str
     position: int | None  # where the slate showed the item (None for ratings)
     propensity: float  # the probability the policy showed it there (1.0 for ratings)
-    weight: float  # the clipped inverse propensity (``ips_weight``; 1.0 for ratings)
+    weight: float  # the inverse propensity clipped at max_weight to bound the variance (1.0 for ratings)
     label: float  # click: POSITIVE or NEGATIVE; rating: the rating value
     score: float | None  # serving's score of the item when it chose the slate (its position-free click
     # probability; None for ratings and where the impression had none): what the click calibration is fitted on
@@ -111,16 +111,18 @@ _JSON_OPTIONS = pa_json.ParseOptions(explicit_schema=EXAMPLE_SCHEMA, unexpected_
 _READ_OPTIONS = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
 
 
-def ips_weight(propensity: float, max_weight: float) -> float:
-    """Inverse propensity, clipped at ``max_weight`` to bound the variance."""
-    return min(1.0 / propensity, max_weight)
-
-
 def click_example(impression: dict, items: list[dict], stage: str, ts: float, event_id: str,
                   max_weight: float) -> Example:
     """The ``stage`` outcome of ``items``, shown by the (valid) event ``impression``; ``ts`` and
     ``event_id`` are those of the event that settled the labels."""
     label = CLICK_LABELS[stage]
+    labelled = []
+    for item in items:  # once per shown item: the weight min(1 / propensity, max_weight) without min()
+        propensity = item["propensity"]
+        inverse = 1.0 / propensity
+        labelled.append({"item_id": item["item_id"], "position": item["position"], "propensity": propensity,
+                         "weight": max_weight if max_weight < inverse else inverse, "label": label,
+                         "score": item.get("score")})
     return {
         "kind": CLICK,
         "stage": stage,  # type: ignore[typeddict-item]
@@ -132,11 +134,7 @@ def click_example(impression: dict, items: list[dict], stage: str, ts: float, ev
         "ts": ts,
         "anomalous": False,
         "event_id": event_id,
-        "items": [  # this loop runs once per shown item
-            {"item_id": item["item_id"], "position": item["position"], "propensity": item["propensity"],
-             "weight": ips_weight(item["propensity"], max_weight), "label": label, "score": item.get("score")}
-            for item in items
-        ],
+        "items": labelled,
     }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream.examples import CLICKED, CLOSED, example_rows, ips_weight
+from stream.examples import CLICKED, CLOSED, click_example, example_rows
 from stream.worker.join import (
     DUPLICATE,
     LATE,
@@ -130,9 +130,10 @@ def test_max_weight_is_configurable():
 @pytest.mark.parametrize("propensity, max_weight, expected", [
     (1.0, 50.0, 1.0), (0.5, 50.0, 2.0), (0.02, 50.0, 50.0), (0.001, 50.0, 50.0), (0.1, 5.0, 5.0),
 ])
-def test_ips_weight(propensity, max_weight, expected):
-    """ips_weight is the inverse propensity clipped at max_weight."""
-    assert ips_weight(propensity, max_weight) == expected
+def test_the_weight_is_the_inverse_propensity_clipped_at_max_weight(propensity, max_weight, expected):
+    item = {"item_id": "a", "position": 1, "propensity": propensity}
+    (weighted,) = click_example(impression(), [item], CLOSED, 0.0, "e", max_weight)["items"]
+    assert weighted["weight"] == expected
 
 
 def test_click_exactly_at_window_edge_is_matched(joiner):
