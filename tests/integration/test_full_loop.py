@@ -77,7 +77,8 @@ def test_new_clicks_move_live_recommendations(kafka_bootstrap, unique_name, tmp_
                "--batch-timeout-s", "0.2", "--attribution-window-s", "2", "--no-anomaly"),
         spawn(tmp_path, "learner", "learner", *common, "--store-dir", str(tmp_path / "store"),
                "--checkpoint-dir", str(tmp_path / "ckpt"), "--web-port", str(learner_port), "--n-factors", "8",
-               "--publish-interval-s", "0.3", "--snapshot-interval-s", "2", "--device", "cpu"),
+               "--publish-interval-s", "0.3", "--snapshot-interval-s", "2", "--device", "cpu",
+               "--attribution-window-s", "2"),
         spawn(tmp_path, "serving", "serve", *common, "--store-dir", str(tmp_path / "store"),
                "--port", str(port), "--kind", "click", "--seed", "0"),
     ]

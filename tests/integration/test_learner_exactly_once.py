@@ -96,7 +96,9 @@ def test_the_learner_trains_each_outcome_once_across_worker_kills(kafka_bootstra
             producer.send_many(events)
 
     def worker(flush_interval_s: float) -> WorkerProcess:
-        return WorkerProcess(kafka_bootstrap, prefix, tmp_path, "--worker-id", f"w-{unique_name}",
+        # wait: every shown item is one outcome message's item (immediate adds a clicked item's
+        # correction, and its learner holds shown items, which the counts below do not model)
+        return WorkerProcess(kafka_bootstrap, prefix, tmp_path, "--worker-id", f"w-{unique_name}", "--feedback", "wait",
                              "--attribution-window-s", "60", "--log-flush-interval-s", str(flush_interval_s))
 
     def sent() -> int:

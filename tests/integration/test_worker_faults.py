@@ -31,6 +31,7 @@ from aiokafka.partitioner import murmur2
 from kafka import KafkaConsumer, TopicPartition
 
 from stream import events as ev
+from stream.log.export import final_click_labels
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.producer import EventProducer
 from stream.tools import kafka_local
@@ -104,17 +105,19 @@ def _send(bootstrap: str, topic: str, events: list[dict]) -> None:
 
 
 def _check_log(log: DeltaLog, traffic: Traffic) -> None:
-    """Every sent event once in ``events``; a positive for every click; every negative once."""
+    """Every sent event once in ``events``; every outcome once in ``examples`` (a shown item's
+    ``shown`` or ``closed``, a click's ``clicked``); the final labels: a positive for every click, a
+    negative for every other shown item."""
     logged = log.read(EVENTS, columns=["event_id", "item_id", "position"])
     assert not logged.duplicated().any(), logged[logged.duplicated(keep=False)].head()
     assert set(logged["event_id"]) == {e["event_id"] for e in traffic.sent}
-    examples = log.read(EXAMPLES, columns=["kind", "request_id", "item_id", "label"])
+    examples = log.read(EXAMPLES, columns=["kind", "stage", "request_id", "item_id", "label", "ts"])
     clicks = examples[examples["kind"] == "click"]
-    positives = clicks[clicks["label"] > 0]
-    negatives = clicks[clicks["label"] == 0]
-    assert not positives.duplicated(["request_id", "item_id"]).any()
+    twice = clicks.duplicated(["stage", "request_id", "item_id"], keep=False)
+    assert not twice.any(), f"an outcome logged twice: {clicks[twice].head()}"
+    final = final_click_labels(clicks)
+    positives, negatives = final[final["label"] > 0], final[final["label"] == 0]
     assert set(zip(positives["request_id"], positives["item_id"])) == traffic.clicked  # none orphaned
-    assert not negatives.duplicated(["request_id", "item_id"]).any(), "a negative logged twice"
     assert set(zip(negatives["request_id"], negatives["item_id"])) == traffic.negatives()
 
 

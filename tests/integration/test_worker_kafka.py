@@ -15,7 +15,7 @@ import pytest
 from stream import events as ev
 from stream.examples import Example
 from stream.topics import Topics
-from stream.log.export import obp_frame
+from stream.log.export import final_click_labels, obp_frame
 from stream.producer import EventProducer
 from sim.sources import obd_events, synthetic_events
 from stream.topics import ensure_topics
@@ -58,7 +58,7 @@ def test_sdk_events_reach_the_log_and_examples(kafka_bootstrap, worker_env):
     rat = ev.rating("u2", "x", 4.5, ts=now + 2)
     with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
         producer.send_many([imp, clk, rat])
-    worker = make("--attribution-window-s", "5").start()
+    worker = make("--attribution-window-s", "5", "--feedback", "wait").start()  # a slate's negatives in one message
     wait_for(lambda: len(worker.logged_examples()) == 4, 90, "4 examples in the log", worker)
 
     logged = worker.logged_events()
@@ -90,7 +90,8 @@ def test_obd_sample_round_trips_through_kafka(kafka_bootstrap, worker_env, share
     with EventProducer(kafka_bootstrap, topic=topics.events) as producer:
         producer.send_many(obd_events(path))
     worker = make("--attribution-window-s", "60").start()
-    wait_for(lambda: len(worker.logged_examples()) == len(truth), 240, f"{len(truth)} examples", worker)
+    wait_for(lambda: worker.caught_up() and len(obp_frame(worker.log_dir)) == len(truth), 240,
+             f"{len(truth)} shown items in the log", worker)
 
     got = obp_frame(worker.log_dir)
     got["row"] = got["request_id"].str.rsplit("-", n=1).str[1].astype(int)
@@ -189,8 +190,8 @@ def test_orphan_and_late_clicks_make_no_examples(kafka_bootstrap, worker_env):
         producer.send_many([imp, orphan, ontime, late])
     worker = make("--attribution-window-s", "10").start()
     wait_for(worker.caught_up, 90, "the worker to process and log all four events", worker)
-    examples = worker.logged_examples().set_index("item_id")
-    assert sorted(examples.index) == ["a", "b"]        # one example per shown item, none from the orphan
+    examples = final_click_labels(worker.logged_examples()).set_index("item_id")
+    assert sorted(examples.index) == ["a", "b"]        # one outcome per shown item, none from the orphan
     assert examples.loc["b", "label"] == 1.0
     assert examples.loc["a", "label"] == 0.0           # the late click did not make it positive
     assert set(worker.logged_events()["event_id"]) == {imp["event_id"], late["event_id"], orphan["event_id"],

@@ -124,3 +124,15 @@ def test_export_obp_empty_log_writes_header_only(tmp_path):
     out = tmp_path / "empty.csv"
     assert export_obp(tmp_path / "log", out) == 0
     assert out.read_text().splitlines() == [",".join(OBP_COLUMNS)]
+
+
+def test_under_immediate_feedback_a_clicked_item_is_one_row_with_its_slate_time(tmp_path):
+    """The immediate protocol logs every shown item as ``shown`` (label 0) and a click once more
+    as ``clicked``: the export has one row per shown item, clicked if either row is a click."""
+    DeltaLog(tmp_path).append(EXAMPLES, [
+        click_example("r", "a", 1, 0.5, 0.0, T), click_example("r", "b", 2, 0.25, 0.0, T),
+        {**click_example("r", "b", 2, 0.25, 1.0, T + 7.0), "event_id": "click-b"},
+    ])
+    df = obp_frame(tmp_path)
+    assert df[["item_id", "position", "click"]].values.tolist() == [["a", 1, 0], ["b", 2, 1]]
+    assert df["timestamp"].tolist() == [pd.Timestamp(T, unit="s", tz="UTC")] * 2
