@@ -177,12 +177,15 @@ class WaitingWindow(FinalLabels[dict]):
                 keep[r] = not in_window
                 held = self if in_window else final_labels
                 self.click_delay(ts[r], held.shown_at(requests[r]), in_window)
-        released = self.release(pc.max(rows["ts"]).as_py() if rows.num_rows else None) if len(self) else []
+        released = self.expired(pc.max(rows["ts"]).as_py() if rows.num_rows else None)
         rows = rows if keep.all() else rows.filter(pa.array(keep))
-        if not released:
-            return rows
-        return pa.concat_tables([pa.Table.from_pylist([{**row, "label": label} for row, label in released],
-                                                      schema=EXAMPLE_ROWS_SCHEMA), rows])
+        return pa.concat_tables([released, rows]) if released.num_rows else rows
+
+    def expired(self, watermark: float | None) -> pa.Table:
+        """Move event time to ``watermark`` and return the held rows whose window has passed, with
+        their labels (``EXAMPLE_ROWS_SCHEMA``), in the order their slates were shown."""
+        released = self.release(watermark) if len(self) else []
+        return pa.Table.from_pylist([{**row, "label": label} for row, label in released], schema=EXAMPLE_ROWS_SCHEMA)
 
     def click_delay(self, click_ts: float, slate_ts: float | None, in_window: bool) -> None:
         """Record a click's delay after its slate (ignored when the slate is unknown), and

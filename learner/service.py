@@ -33,11 +33,8 @@ rebuilt, so the restarted learner makes the same duplicate decisions on what it 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -52,6 +49,7 @@ from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from learner.calibration import PositionCalibration, logit
+from learner.checkpoint import Checkpointer
 from learner.feedback import FinalLabels, WaitingWindow, fake_negative_weights
 from learner.metrics import (BASELINE_LOGLOSS, BASELINE_RMSE, BATCH_SECONDS, DUPLICATES, EXAMPLES_SEEN, LOGLOSS,
                              OUTCOME_KEYS, OUTCOME_KEYS_EVICTED, PUBLISH_FAILURES, PUBLISH_TS, RECONNECTS, RMSE,
@@ -75,59 +73,9 @@ STALL_CHECK_S = 15.0
 CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S = 0.5, 15.0
 # The longest a publish waits for the broker before it counts as failed (tried again later).
 PUBLISH_BLOCK_S = 10.0
-
-
-class Checkpointer:
-    """Atomic checkpoints: ``ckpt-<n>/`` written whole, then ``LATEST`` switched by rename."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-
-    def latest(self) -> Path | None:
-        pointer = self.folder / "LATEST"
-        if not pointer.is_file():
-            return None
-        path = self.folder / pointer.read_text().strip()
-        return path if path.is_dir() else None
-
-    def save(self, model: OnlineMF, state: dict, outcomes: dict[str, np.ndarray], waiting: pa.Table | None = None
-             ) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        previous = self.latest()
-        n = int(previous.name.split("-")[1]) + 1 if previous else 1
-        target = self.folder / f"ckpt-{n:08d}"
-        tmp = self.folder / f".ckpt-{n:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(tmp / "model")
-        (tmp / "learner.json").write_text(json.dumps(state))
-        np.savez(tmp / "outcomes.npz", **outcomes)
-        if waiting is not None and waiting.num_rows:
-            with pa.OSFile(str(tmp / "waiting.arrow"), "wb") as sink, pa.ipc.new_file(sink, waiting.schema) as writer:
-                writer.write_table(waiting)
-        os.replace(tmp, target)
-        pointer_tmp = self.folder / "LATEST.tmp"
-        pointer_tmp.write_text(target.name)
-        os.replace(pointer_tmp, self.folder / "LATEST")
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
-        return target
-
-    def load(self) -> tuple[OnlineMF, dict, dict[str, np.ndarray], pa.Table | None] | None:
-        """The model, the learner's state, the outcome keys (empty in a checkpoint from before
-        they were saved) and the rows in the waiting window (None when it held none) of the latest
-        checkpoint; None when there is none."""
-        path = self.latest()
-        if path is None:
-            return None
-        outcomes: dict[str, np.ndarray] = {}
-        if (path / "outcomes.npz").is_file():
-            with np.load(path / "outcomes.npz", allow_pickle=False) as arrays:
-                outcomes = dict(arrays)
-        waiting = None
-        if (path / "waiting.arrow").is_file():
-            with pa.memory_map(str(path / "waiting.arrow")) as source:
-                waiting = pa.ipc.open_file(source).read_all()
-        return OnlineMF.load(path / "model"), json.loads((path / "learner.json").read_text()), outcomes, waiting
+# Seconds without examples after which event time follows the wall clock for the waiting window
+# (the worker's default idle grace), so that a quiet stream's last slates still train.
+IDLE_GRACE_S = 2.0
 
 
 class Learner:
@@ -172,6 +120,7 @@ class Learner:
             if settings.feedback_wait_quantile > 0 else None)
         if self.waiting is not None:  # the rows it held at the checkpoint were read but not trained
             self.waiting.load_state(state.get("waiting", {}), waiting)
+        self._read_watermark = self.waiting.watermark if self.waiting is not None else float("-inf")
         # Under ``wait``, each click outcome until its slate's negatives arrive (at most two windows).
         self.slate_order: SlateOrder[tuple] = SlateOrder(2 * settings.attribution_window_s)  # (logit, served, position, label)
         if state.get("click_calibration"):  # the fitted parameters survive; the windows refill
@@ -194,9 +143,20 @@ class Learner:
         rows = _kept(rows, pc.is_in(rows["kind"], pa.array(EXAMPLE_KINDS)), "unknown_kind")
         if self.waiting is not None:
             rows = self.waiting.admit(rows, self.final_labels)
+            self._read_watermark = self.waiting.watermark
         trained = self._train(rows)
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return trained
+
+    def release_waiting(self, idle_s: float) -> int:
+        """Train the rows of the waiting window whose window has passed once event time has moved
+        on by ``idle_s`` since the newest example read, as the worker's event time follows the wall
+        clock when its stream goes quiet; returns the rows trained. Without it the last slates of
+        a quiet stream would wait for the next event."""
+        if self.waiting is None or not len(self.waiting):
+            return 0
+        rows = self.waiting.expired(self._read_watermark + idle_s)
+        return self._train(rows) if rows.num_rows else 0
 
     def _train(self, rows: pa.Table) -> int:
         trained, size = 0, self.settings.batch_size
@@ -473,8 +433,11 @@ class Learner:
                         SKIPPED.labels("malformed").inc(batch.malformed)
                     self.learn(batch)
                     last_data = now
-                elif max_idle_s is not None and now - last_data > max_idle_s:
-                    break
+                else:
+                    if now - last_data >= IDLE_GRACE_S:
+                        self.release_waiting(now - last_data)
+                    if max_idle_s is not None and now - last_data > max_idle_s:
+                        break
                 if now - last_publish >= s.publish_interval_s:
                     _published(self.publish_delta, producer, "delta")
                     last_publish = now

@@ -169,3 +169,11 @@ def test_the_waiting_window_holds_a_slate_until_its_clicks_and_survives_a_restar
     later = click_example({**imp, "request_id": "r2", "ts": 3.0}, imp["items"], SHOWN, 3.0, "e3", 50.0)
     assert restarted.learn(example_batch([later])) == 2  # the first slate's window (2 s) has passed
     assert [label for _, label in restarted.final_labels.release(10.0)] == [0.0, 1.0]  # scored with its click
+
+
+def test_a_quiet_stream_s_last_slate_trains_once_event_time_follows_the_wall_clock(tmp_path):
+    learner = _tastes_learner(tmp_path)  # attribution window 2 s: the waiting window until delays are known
+    imp = {**IMP, "ts": 0.0}
+    assert learner.learn(example_batch([click_example(imp, imp["items"], SHOWN, 0.0, "e1", 50.0)])) == 0
+    assert learner.release_waiting(idle_s=1.0) == 0  # the window has not passed
+    assert learner.release_waiting(idle_s=2.5) == 2 and len(learner.waiting) == 0
