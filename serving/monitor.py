@@ -140,7 +140,9 @@ class Monitor:
         self._drift_at = 0.0
 
     def recent_outcomes(self) -> list[Outcome]:
-        """The last ``shadow_window`` outcomes that were not anomalous."""
+        """The last ``shadow_window`` outcomes that were not anomalous, each with its final label
+        (under ``immediate`` feedback a shown item once its window has passed, clicked if a click
+        corrected it: a provisional 0 would make the shadow check favour low predictions)."""
         return list(self._recent)
 
     def observe_served(self, scores: np.ndarray) -> None:
@@ -181,21 +183,24 @@ class Monitor:
             if anomalous:
                 results["anomalous"] = results.get("anomalous", 0) + 1
                 continue
-            self._recent.append(outcome_of(example, user, item, label, kind))
             stage = example.get("stage")
             if request_id is not None and stage == CLICKED and self.final_labels.clicked(request_id, item):
-                continue  # corrects a shown item, which is scored with its final label
+                continue  # corrects a shown item, which is scored (and kept for the shadow check) with its final label
             what = (version, ts, kind, (user, item, label, position), example.get("variant"))
+            recent = outcome_of(example, user, item, label, kind)
             if request_id is not None and stage == SHOWN and ts is not None:
-                self.final_labels.shown(request_id, item, ts, what)
+                self.final_labels.shown(request_id, item, ts, (what, recent))
             else:
+                self._recent.append(recent)
                 pending.append((request_id, label, ts, what))
         # a slate's outcomes together, each scored by the version found when its slate is complete
         # (``immediate`` feedback: each shown item once its label is final)
         latest = max(arrivals) if arrivals else now
-        final = [(version, ts, kind, (user, item, label, position), variant)
-                 for (version, ts, kind, (user, item, _, position), variant), label
-                 in self.final_labels.release(max((p[2] for p in pending if p[2] is not None), default=None))]
+        final = []
+        for ((version, ts, kind, (user, item, _, position), variant), recent), label in self.final_labels.release(
+                max((p[2] for p in pending if p[2] is not None), default=None)):
+            final.append((version, ts, kind, (user, item, label, position), variant))
+            self._recent.append(recent._replace(label=label))
         for version, ts, kind, outcome, variant in self.slate_order.add(pending) + final:
             model, how = self._version_for(version, ts, latest)
             if model is None:

@@ -235,3 +235,20 @@ def test_a_concept_drift_alarm_is_counted_though_its_gauge_is_down_by_the_next_s
     monitor.observe(clicks(rng, 6000, -truth))  # one scrape interval: the alarm, then 500 outcomes more
     assert gauge(metrics, "streamrec_drift_alarm", signal="loss_click") == 0
     assert gauge(metrics, "streamrec_drift_alarms_total", signal="loss_click") >= 1
+
+
+def test_the_shadow_check_gets_each_shown_item_once_with_its_final_label():
+    """Under immediate feedback a slate's items arrive as provisional negatives and a click later
+    as a correction: the outcomes kept for the shadow check (``recent_outcomes``) hold each item
+    once, after its window, clicked if a click corrected it; never a premature 0 or the click twice."""
+    monitor, _ = make_monitor(served_model((tuple(EXAMINATION), 1.0)))
+    base = {"kind": "click", "model_version": "mf-1", "anomalous": False, "propensity": 0.5, "request_id": "r1"}
+    monitor.observe([{**base, "user_id": "u1", "item_id": f"i{k}", "label": 0.0, "position": k + 1, "stage": "shown",
+                      "ts": 0.0} for k in range(3)])
+    monitor.observe([{**base, "user_id": "u1", "item_id": "i1", "label": 1.0, "position": 2, "stage": "clicked",
+                      "ts": 5.0}])
+    assert monitor.recent_outcomes() == []  # the window has not passed: no label is final
+    monitor.observe([{**base, "request_id": "r2", "user_id": "u2", "item_id": "i0", "label": 0.0, "position": 1,
+                      "stage": "shown", "ts": 10_000.0}])
+    assert [(o.request_id, o.item_id, o.label) for o in monitor.recent_outcomes()] == [
+        ("r1", "i0", 0.0), ("r1", "i1", 1.0), ("r1", "i2", 0.0)]
