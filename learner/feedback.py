@@ -157,6 +157,7 @@ class WaitingWindow(FinalLabels[dict]):
         self.quantile, self.max_s = quantile, max_s
         self._delays: deque[float] = deque(maxlen=recent)
         self._in_window: deque[bool] = deque(maxlen=recent)
+        self._new_delays = False  # delays recorded since settle_s was last computed
 
     def admit(self, rows: pa.Table, final_labels: FinalLabels) -> pa.Table:
         """The rows of a batch (``EXAMPLE_ROWS_SCHEMA``) to train now: its ``shown`` rows wait
@@ -184,8 +185,7 @@ class WaitingWindow(FinalLabels[dict]):
     def expired(self, watermark: float | None) -> pa.Table:
         """Move event time to ``watermark`` and return the held rows whose window has passed, with
         their labels (``EXAMPLE_ROWS_SCHEMA``), in the order their slates were shown."""
-        released = self.release(watermark) if len(self) else []
-        return pa.Table.from_pylist([{**row, "label": label} for row, label in released], schema=EXAMPLE_ROWS_SCHEMA)
+        return _labelled_rows(self.release(watermark) if len(self) else [])
 
     def click_delay(self, click_ts: float, slate_ts: float | None, in_window: bool) -> None:
         """Record a click's delay after its slate (ignored when the slate is unknown), and
@@ -194,18 +194,20 @@ class WaitingWindow(FinalLabels[dict]):
             return
         self._delays.append(click_ts - slate_ts)
         self._in_window.append(in_window)
+        self._new_delays = True
 
     def release(self, watermark: float | None = None) -> list[tuple[dict, float]]:
-        """As ``FinalLabels.release``, once the window is the quantile of the recent delays."""
-        if len(self._delays) >= self.MIN_DELAYS:
+        """As ``FinalLabels.release``, once the window is the quantile of the recent delays
+        (recomputed only when delays were recorded since)."""
+        if self._new_delays and len(self._delays) >= self.MIN_DELAYS:
             self.settle_s = min(self.max_s, max(float(np.quantile(self._delays, self.quantile)), 1e-9))
+            self._new_delays = False
         return super().release(watermark)
 
     def table(self) -> pa.Table:
         """The held rows with their labels (``EXAMPLE_ROWS_SCHEMA``), in the order their slates
         were shown: what a checkpoint keeps."""
-        held = [(row, label) for _, items in self._slates.values() for row, label in items.values()]
-        return pa.Table.from_pylist([{**row, "label": label} for row, label in held], schema=EXAMPLE_ROWS_SCHEMA)
+        return _labelled_rows([(row, label) for _, items in self._slates.values() for row, label in items.values()])
 
     def state(self) -> dict:
         """The recent delays and whether each came within the window (JSON), for a checkpoint."""
@@ -215,6 +217,7 @@ class WaitingWindow(FinalLabels[dict]):
         """Restore ``state`` and hold ``rows`` (``table``) again with their labels."""
         self._delays.extend(state.get("delays", []))
         self._in_window.extend(state.get("in_window", []))
+        self._new_delays = True
         for row in ([] if rows is None else rows.to_pylist()):
             self.shown(row["request_id"], row["item_id"], row["ts"], {**row, "label": 0.0})
             if row["label"] > 0:
@@ -225,3 +228,8 @@ class WaitingWindow(FinalLabels[dict]):
         if not self._in_window:
             return 1.0
         return 1.0 - sum(self._in_window) / len(self._in_window)
+
+
+def _labelled_rows(held: list[tuple[dict, float]]) -> pa.Table:
+    """Held rows with their labels set, as a table of ``EXAMPLE_ROWS_SCHEMA``."""
+    return pa.Table.from_pylist([{**row, "label": label} for row, label in held], schema=EXAMPLE_ROWS_SCHEMA)
