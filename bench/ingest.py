@@ -50,8 +50,8 @@ from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
 from bench.common import StolenCpu, emit
-from stream.events import impression
-from stream.examples import CLICKED, CLOSED, click_example
+from stream.events import Impression, impression, to_event
+from stream.examples import CLICKED, CLOSED, Example, click_example
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.topics import Topics
 from stream.tools.kafka_local import broker_for_run, free_port
@@ -107,20 +107,21 @@ def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], obj
 
 # The examples the worker sends (``stream.examples``: one message per outcome), ids as long as
 # the synthetic ones: a ``closed`` message with the items of a slate of each size, one item otherwise.
-def _slate(size: int) -> dict:
+def _slate(size: int) -> Impression:
     items = [{"item_id": f"i{k:05d}", "position": k + 1, "propensity": 0.125} for k in range(size)]
-    return impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy", items, ts=1.7e9, event_id="0" * 32)
+    return to_event(impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy", items, ts=1.7e9,
+                               event_id="0" * 32))
 
 
 _ONE_SLATE = _slate(1)
-_ONE_ITEM = click_example(_ONE_SLATE, _ONE_SLATE["items"], CLICKED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
-_CLOSED: dict[int, dict] = {}
+_ONE_ITEM = click_example(_ONE_SLATE, _ONE_SLATE.items, CLICKED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+_CLOSED: dict[int, Example] = {}
 
 
-def _closed(size: int) -> dict:
+def _closed(size: int) -> Example:
     if size not in _CLOSED:
         slate = _slate(size)
-        _CLOSED[size] = click_example(slate, slate["items"], CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+        _CLOSED[size] = click_example(slate, slate.items, CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
     return _CLOSED[size]
 
 

@@ -43,13 +43,14 @@ import uuid
 from importlib.metadata import version
 from typing import Callable
 
+import msgspec
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
 from bench.common import StolenCpu, emit, median_ci
 from bench.ingest import produce as produce_events
-from stream.events import impression
+from stream.events import impression, to_event
 from stream.examples import CLOSED, click_example
 from stream.topics import Topics, end_offsets, ensure_topics
 from stream.tools.kafka_local import broker_for_run
@@ -172,7 +173,8 @@ def example_payload() -> dict:
     """The ``closed`` outcome of a 6-item slate, as the worker sends it to ``examples`` (811 bytes)."""
     items = [{"item_id": f"i{k:05d}", "position": k + 1, "propensity": 0.125} for k in range(6)]
     slate = impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy", items, ts=1.7e9, event_id="0" * 32)
-    return click_example(slate, slate["items"], CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+    example = click_example(to_event(slate), to_event(slate).items, CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+    return msgspec.to_builtins(example)
 
 
 def user_keys(m: int, n_users: int = 5000) -> list[bytes]:

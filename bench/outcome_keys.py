@@ -40,8 +40,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import msgspec
 import numpy as np
-import orjson
 import pyarrow as pa
 from tqdm import tqdm
 
@@ -49,6 +49,7 @@ from bench.common import StolenCpu, emit, median_ci
 from learner.outcomes import OutcomeWindow
 from learner.service import Learner
 from learner.settings import LearnerSettings
+from stream.events import SCHEMA_VERSION, Impression, Item
 from stream.examples import (CLICK, CLICKED, CLOSED, Example, ExampleBatch, click_example, count_rows,
                              decode_examples, outcome_key)
 from stream.tools.kafka_local import broker_for_run
@@ -63,14 +64,13 @@ def click_stream(n_slates: int, seed: int = 0) -> list[Example]:
     rng = np.random.default_rng(seed)
     out: list[Example] = []
     for n in range(n_slates):
-        items = [{"item_id": f"i{i}", "position": p + 1, "propensity": 0.1}
-                 for p, i in enumerate(rng.choice(2000, 10, replace=False))]
-        slate = {"event_id": f"imp-{n}", "user_id": f"u{rng.integers(5000)}", "ts": 1.75e9 + n * 0.05,
-                 "request_id": f"r{n}", "model_version": "m", "policy": "softmax", "items": items}
+        items = [Item(f"i{i}", position=p + 1, propensity=0.1) for p, i in enumerate(rng.choice(2000, 10, replace=False))]
+        slate = Impression(schema_version=SCHEMA_VERSION, event_id=f"imp-{n}", user_id=f"u{rng.integers(5000)}",
+                           ts=1.75e9 + n * 0.05, request_id=f"r{n}", model_version="m", policy="softmax", items=items)
         clicked = items[:1] if rng.random() < 0.1 else []
         if clicked:
-            out.append(click_example(slate, clicked, CLICKED, slate["ts"] + 1.0, f"clk-{n}", 50.0))
-        out.append(click_example(slate, items[len(clicked):], CLOSED, slate["ts"], slate["event_id"], 50.0))
+            out.append(click_example(slate, clicked, CLICKED, slate.ts + 1.0, f"clk-{n}", 50.0))
+        out.append(click_example(slate, items[len(clicked):], CLOSED, slate.ts, slate.event_id, 50.0))
     return out
 
 
@@ -101,7 +101,7 @@ def learner_cost(n_slates: int, batch: int, root: Path) -> dict:
     plain = _PlainLearner(LearnerSettings(checkpoint_dir=root / "b", store_dir=root / "sb", **settings))
     ratios, shares = [], []
     # as the learner receives them: JSON, decoded in columns (outside the timed calls, as in its loop)
-    batches = [decode_examples([orjson.dumps(m) for m in messages[i:i + batch]])
+    batches = [decode_examples([msgspec.json.encode(m) for m in messages[i:i + batch]])
                for i in range(0, len(messages), batch)]
     for k, part in enumerate(tqdm(batches, desc="learner batches", unit="batch")):
         order = (("keyed", keyed), ("plain", plain)) if k % 2 == 0 else (("plain", plain), ("keyed", keyed))
@@ -187,7 +187,7 @@ def _create_topics(bootstrap: str, names: list[str]) -> None:
 
 def transaction_cost(bootstrap: str, batches: dict[int, int]) -> dict:
     # one outcome message as the worker sends it: a ten-item slate's ``closed`` (the commonest, 9 in 10)
-    value = orjson.dumps(next(m for m in click_stream(10) if m["stage"] == CLOSED and len(m["items"]) == 10))
+    value = msgspec.json.encode(next(m for m in click_stream(10) if m.stage == CLOSED and len(m.items) == 10))
     out = {}
     for batch, n_batches in batches.items():
         ratio, ci = asyncio.run(_producer_rates(bootstrap, batch, n_batches, value))

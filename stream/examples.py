@@ -15,12 +15,15 @@ inverse-propensity weight, label and the score serving gave it. The stages:
 - ``shown``: a slate at impression time, every item ``NEGATIVE`` (a provisional negative that a
   later ``clicked`` corrects; only under the worker's ``immediate`` feedback protocol).
 
-The log keeps one row per labelled item (``example_rows``), the form every reader computes on.
+The worker builds them as msgspec Structs (``Example``, ``ExampleItem``: one object per outcome and
+per item, no dictionaries) and sends them as JSON; the log keeps one row per labelled item
+(``example_rows``, built in columns), the form every reader computes on.
 
->>> imp = {"event_id": "e1", "user_id": "u", "ts": 0.0, "request_id": "r", "model_version": "m1",
-...        "policy": "greedy", "items": [{"item_id": "a", "position": 2, "propensity": 0.25}]}
->>> ex = click_example(imp, imp["items"], CLICKED, ts=5.0, event_id="e2", max_weight=50.0)
->>> ex["stage"], [(i["item_id"], i["label"], i["position"], i["weight"]) for i in ex["items"]]
+>>> from stream.events import Impression, Item
+>>> imp = Impression(schema_version=1, event_id="e1", user_id="u", ts=0.0, request_id="r", model_version="m1",
+...                  policy="greedy", items=[Item("a", position=2, propensity=0.25)])
+>>> ex = click_example(imp, imp.items, CLICKED, ts=5.0, event_id="e2", max_weight=50.0)
+>>> ex.stage, [(i.item_id, i.label, i.position, i.weight) for i in ex.items]
 ('clicked', [('a', 1.0, 2, 4.0)])
 >>> rows = example_rows([ex])
 >>> rows.num_rows, rows.column("label").to_pylist(), rows.column("request_id").to_pylist()
@@ -31,13 +34,17 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, TypedDict
+from operator import attrgetter
+from typing import Literal, NamedTuple
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
+from msgspec import UNSET, Struct
+
+from stream.events import Impression, Item, Rating
 
 CLICK = "click"
 RATING = "rating"
@@ -61,7 +68,7 @@ WAIT, IMMEDIATE = "wait", "immediate"
 FEEDBACK_PROTOCOLS = (WAIT, IMMEDIATE)
 
 
-class ExampleItem(TypedDict):
+class ExampleItem(Struct, gc=False):
     """One labelled item of an example."""
 
     item_id: str
@@ -73,7 +80,7 @@ class ExampleItem(TypedDict):
     # probability; None for ratings and where the impression had none): what the click calibration is fitted on
 
 
-class Example(TypedDict):
+class Example(Struct, gc=False):
     """One outcome, as sent on ``examples``: the header and the items it labels."""
 
     kind: Literal["click", "rating"]
@@ -97,8 +104,8 @@ _HEADER_TYPES = {
 _ITEM_TYPES = {"item_id": pa.string(), "position": pa.int32(), "propensity": pa.float64(), "weight": pa.float64(),
                "label": pa.float64(), "score": pa.float64()}
 # A field added to the TypedDicts without a column type here fails at import.
-HEADER_FIELDS: tuple[str, ...] = tuple(f for f in Example.__annotations__ if f != "items")
-ITEM_FIELDS: tuple[str, ...] = tuple(ExampleItem.__annotations__)
+HEADER_FIELDS: tuple[str, ...] = tuple(f for f in Example.__struct_fields__ if f != "items")
+ITEM_FIELDS: tuple[str, ...] = ExampleItem.__struct_fields__
 EXAMPLE_SCHEMA = pa.schema([(f, _HEADER_TYPES[f]) for f in HEADER_FIELDS]
                            + [("items", pa.list_(pa.struct([(f, _ITEM_TYPES[f]) for f in ITEM_FIELDS])))])
 # One row per labelled item: the log's ``examples`` table and what readers compute on. The order
@@ -111,49 +118,29 @@ _JSON_OPTIONS = pa_json.ParseOptions(explicit_schema=EXAMPLE_SCHEMA, unexpected_
 _READ_OPTIONS = pa_json.ReadOptions(use_threads=False, block_size=1 << 24)
 
 
-def click_example(impression: dict, items: list[dict], stage: str, ts: float, event_id: str,
+def click_example(impression: Impression, items: Sequence[Item], stage: str, ts: float, event_id: str,
                   max_weight: float) -> Example:
     """The ``stage`` outcome of ``items``, shown by the (valid) event ``impression``; ``ts`` and
     ``event_id`` are those of the event that settled the labels."""
     label = CLICK_LABELS[stage]
     labelled = []
     for item in items:  # once per shown item: the weight min(1 / propensity, max_weight) without min()
-        propensity = item["propensity"]
+        propensity = item.propensity
         inverse = 1.0 / propensity
-        labelled.append({"item_id": item["item_id"], "position": item["position"], "propensity": propensity,
-                         "weight": max_weight if max_weight < inverse else inverse, "label": label,
-                         "score": item.get("score")})
-    return {
-        "kind": CLICK,
-        "stage": stage,  # type: ignore[typeddict-item]
-        "user_id": impression["user_id"],
-        "request_id": impression["request_id"],
-        "model_version": impression["model_version"],
-        "policy": impression["policy"],
-        "variant": impression.get("variant"),
-        "ts": ts,
-        "anomalous": False,
-        "event_id": event_id,
-        "items": labelled,
-    }
+        score = item.score
+        labelled.append(ExampleItem(item.item_id, item.position, propensity,
+                                    max_weight if max_weight < inverse else inverse, label,
+                                    None if score is UNSET else score))
+    variant = impression.variant
+    return Example(CLICK, stage, impression.user_id, impression.request_id,  # type: ignore[arg-type]
+                   impression.model_version, impression.policy, None if variant is UNSET else variant,
+                   ts, False, event_id, labelled)
 
 
-def rating_example(event: dict) -> Example:
+def rating_example(event: Rating) -> Example:
     """A (valid) rating event is an example as it stands: label = the rating, no position, propensity 1."""
-    return {
-        "kind": RATING,
-        "stage": RATED,
-        "user_id": event["user_id"],
-        "request_id": None,
-        "model_version": None,
-        "policy": None,
-        "variant": None,
-        "ts": float(event["ts"]),
-        "anomalous": False,
-        "event_id": event["event_id"],
-        "items": [{"item_id": event["item_id"], "position": None, "propensity": 1.0, "weight": 1.0,
-                   "label": float(event["value"]), "score": None}],
-    }
+    return Example(RATING, RATED, event.user_id, None, None, None, None, event.ts, False, event.event_id,
+                   [ExampleItem(event.item_id, None, 1.0, 1.0, event.value, None)])
 
 
 class ExampleBatch(NamedTuple):
@@ -176,8 +163,16 @@ def example_rows(examples: Sequence[Example]) -> pa.Table:
 
 
 def example_batch(examples: Sequence[Example]) -> ExampleBatch:
-    """``examples`` (as the worker builds them) in columns."""
-    return _flatten(pa.Table.from_pylist(list(examples), schema=EXAMPLE_SCHEMA))
+    """``examples`` (as the worker builds them) in columns: each header field read once per
+    message and repeated for its items by Arrow's ``take``, each item field read once per item."""
+    counts = [len(e.items) for e in examples]
+    message = np.repeat(np.arange(len(examples), dtype=np.int64), counts)
+    parents = pa.array(message)
+    columns = {f: pa.array(list(map(attrgetter(f), examples)), _HEADER_TYPES[f]).take(parents) for f in HEADER_FIELDS}
+    items = [item for e in examples for item in e.items]
+    columns.update({f: pa.array(list(map(attrgetter(f), items)), _ITEM_TYPES[f]) for f in ITEM_FIELDS})
+    rows = pa.table([columns[f] for f in EXAMPLE_ROW_FIELDS], schema=EXAMPLE_ROWS_SCHEMA)
+    return ExampleBatch(rows, message)
 
 
 def decode_examples(values: Sequence[bytes | None]) -> ExampleBatch:
@@ -232,7 +227,7 @@ def _flatten(messages: pa.Table, malformed: int = 0) -> ExampleBatch:
 
 def count_rows(examples: Sequence[Example]) -> int:
     """Labelled items in ``examples`` (the log rows they make)."""
-    return sum(len(e["items"]) for e in examples)
+    return sum(len(e.items) for e in examples)
 
 
 def outcome_key(kind: str, stage: str, event_id: str) -> int:

@@ -1,28 +1,31 @@
 """Bytes to events and back: ``decode`` for the worker (every Kafka message), ``encode`` for the SDK.
 
 Both validate with ``validation`` and both have a fast path for the common, valid event
-(msgspec's compiled Struct check of the JSON text, orjson for the dict the callers get) and a
-strict path through the standard library that decides every other case, so that a dead letter's
+(msgspec's compiled Structs of ``model``: the worker's parse, the SDK's check of orjson's text) and
+a strict path through the standard library that decides every other case, so that a dead letter's
 reason never depends on which parser saw the message first. ``decode`` turns the first problem's
 reason into the DLQ reason (``streamrec_dlq_total{reason}``).
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
-import orjson
+import msgspec
+from msgspec import UNSET
 
 from stream.events.errors import InvalidEvent, Problem, ValidationError
+from stream.events.model import ClosedEvent, Event, Impression
 from stream.events.schema import DEFAULT_MAX_FUTURE_S, MAX_EVENT_BYTES
 from stream.events.validation import (
+    NOT_AN_EVENT,
+    _all_finite,
     _explain,
     _finite_outside_tables,
     accepts,
-    holds_clock_and_slate_rules,
     holds_only_table_fields,
-    is_event_text,
     to_json,
     validate,
 )
@@ -35,17 +38,19 @@ def _reject_constant(name: str) -> Any:
 _decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
-def decode(raw: bytes | None, *, now: float | None = None, max_future_s: float = DEFAULT_MAX_FUTURE_S) -> dict:
-    """Parse and validate one Kafka message value; raises ``InvalidEvent`` with its DLQ reason.
+def decode(raw: bytes | None, *, now: float | None = None, max_future_s: float = DEFAULT_MAX_FUTURE_S) -> Event:
+    """Parse and validate one Kafka message value into its ``Event`` Struct; raises ``InvalidEvent``
+    with its DLQ reason.
 
     ``now`` and ``max_future_s`` are the validating clock and tolerance of ``validate``; the worker
     reads its clock once per batch and passes it.
 
-    The common case, a valid event, takes the fast path: msgspec's typed decoder passes the bytes
-    (``is_event_text``), orjson parses them into the dict returned (UTF-8 checked; NaN, Infinity,
-    numbers beyond a double and unpaired surrogates refused, so every number in it is finite) and
-    ``holds_clock_and_slate_rules`` checks the rest. Anything else is parsed again by the standard
-    library and explained.
+    The common case, a valid event without unknown fields, is parsed once: msgspec decodes the
+    bytes into the Structs (every per-field rule, UTF-8, finite numbers, in C) and
+    ``_holds_struct_rules`` checks the rest. Anything else is parsed again by the standard library
+    and explained; a valid event with unknown fields is kept without them (the contract ignores
+    them). The Struct's optional fields are ``UNSET`` where the event left them out, and an
+    integer in a float field reads as a float, as the log stores it.
     """
     if raw is None:
         raise InvalidEvent("not_json", "the message has no value")
@@ -53,15 +58,36 @@ def decode(raw: bytes | None, *, now: float | None = None, max_future_s: float =
         raise InvalidEvent("too_large", f"{len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
     if now is None:
         now = time.time()
-    if is_event_text(raw):  # so a JSON object: orjson parses it to a dict, or refuses it
-        try:
-            event = orjson.loads(raw)
-        except ValueError:  # orjson.JSONDecodeError, e.g. an int beyond 64 bits: the slow path decides
-            pass
-        else:
-            if holds_clock_and_slate_rules(event, now + max_future_s):
-                return event
-    return _decode_slow(raw, now, max_future_s)
+    try:
+        event = _PARSE(raw)
+    except NOT_AN_EVENT:
+        pass
+    else:
+        if _holds_struct_rules(event, now + max_future_s):
+            return event
+    return msgspec.convert(_decode_slow(raw, now, max_future_s), Event)
+
+
+_PARSE = msgspec.json.Decoder(ClosedEvent).decode
+
+
+def to_event(event: dict) -> Event:
+    """An event built in Python (``builders``, a test's dictionary) as the Struct ``decode`` gives,
+    after ``encode``'s validation; raises ``ValidationError``."""
+    return decode(encode(event, max_future_s=math.inf), max_future_s=math.inf)
+
+
+def _holds_struct_rules(event: Event, ts_limit: float) -> bool:
+    """The rules a Struct cannot hold (``validation.holds_clock_and_slate_rules``) for a parsed event,
+    and finite numbers in ``context``."""
+    if not event.ts <= ts_limit:
+        return False
+    if not isinstance(event, Impression):
+        return True
+    items = event.items
+    if len({item.position for item in items}) != len(items):
+        return False
+    return event.context is UNSET or _all_finite(event.context)
 
 
 def _decode_slow(raw: bytes, now: float, max_future_s: float) -> dict:

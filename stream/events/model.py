@@ -100,6 +100,38 @@ class Rating(_Envelope, tag="rating"):
 Event = Impression | Click | Rating
 
 
+# The worker's parse (``codec.decode``): the same Structs, refusing unknown fields. An event that
+# has some takes the detailed path, which checks that their numbers are finite and then keeps only
+# the contract's fields, in the classes above. A parsed event is an instance of a subclass here:
+# read it by ``isinstance`` or ``EVENT_TYPE`` and compare events by their fields
+# (``msgspec.to_builtins``), since msgspec's ``==`` also compares the class.
+class _ClosedItem(Item, forbid_unknown_fields=True):
+    pass
+
+
+class _ClosedImpression(Impression, tag="impression", forbid_unknown_fields=True):
+    items: Annotated[list[_ClosedItem], Meta(min_length=1, max_length=MAX_SLATE)]
+
+
+class _ClosedClick(Click, tag="click", forbid_unknown_fields=True):
+    pass
+
+
+class _ClosedRating(Rating, tag="rating", forbid_unknown_fields=True):
+    pass
+
+
+ClosedEvent = _ClosedImpression | _ClosedClick | _ClosedRating
+# The ``type`` of an event by its class (msgspec keeps the tag on the class, not the instance).
+EVENT_TYPE: dict[type, str] = {cls: cls.__struct_config__.tag for cls in (
+    Impression, Click, Rating, _ClosedImpression, _ClosedClick, _ClosedRating)}
+
+
+def unset_to_none(value: Any) -> Any:
+    """An optional field's value, None where the event left it out."""
+    return None if value is UNSET else value
+
+
 def json_schema() -> dict:
     """The contract as JSON Schema (draft 2020-12), generated from the Structs by msgspec."""
     return {

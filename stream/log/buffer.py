@@ -31,9 +31,12 @@ class Pending:
 class LogBuffer:
     """Accumulates batches until a flush is due (by size or by age).
 
+    >>> from stream.events import rating, to_event
+    >>> from stream.examples import rating_example
     >>> clock = iter([0.0, 1.0, 9.0]).__next__
     >>> buffer = LogBuffer(flush_rows=100, flush_interval_s=5.0, clock=clock)
-    >>> buffer.add([{"ts": 1.0, "items": [{}]}], pa.table({"ts": [1.0, 2.0]}), {"p0": 7})   # clock: 0.0
+    >>> example = rating_example(to_event(rating("u1", "i1", 4.0, ts=1.0, event_id="e1")))
+    >>> buffer.add([example], pa.table({"ts": [1.0, 2.0]}), {"p0": 7})     # clock: 0.0
     >>> buffer.due()                                                       # clock: 1.0
     False
     >>> buffer.due()                                                       # clock: 9.0

@@ -32,7 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
+from msgspec import UNSET
 
+from stream.events import EVENT_TYPE, Event
 from stream.examples import EXAMPLE_ROWS_SCHEMA
 
 EVENTS = "events"
@@ -74,12 +76,12 @@ _DICTIONARY_COLUMNS = {
 
 
 def events_table(
-    events: Sequence[dict],
+    events: Sequence[Event],
     partitions: Sequence[int | None] | None = None,
     offsets: Sequence[int | None] | None = None,
 ) -> pa.Table:
-    """The log rows of validated events as one Arrow table (``EVENTS_SCHEMA``), in event order:
-    one row per shown item for an impression, else one row.
+    """The log rows of validated events (``stream.events.decode``'s Structs) as one Arrow table
+    (``EVENTS_SCHEMA``), in event order: one row per shown item for an impression, else one row.
 
     Built column by column: the per-event columns once per event, then repeated for the shown
     items by Arrow's ``take``, so an impression of ten items costs four short Python lists, not
@@ -88,44 +90,44 @@ def events_table(
     n = len(events)
     partitions = [None] * n if partitions is None else partitions
     offsets = [None] * n if offsets is None else offsets
+    kinds = [EVENT_TYPE[type(e)] for e in events]
     item_id: list = []
     position: list = []
     propensity: list = []
     score: list = []
     rows_per_event = []
-    slate_size = []
-    for e in events:
-        if e["type"] == "impression":
-            items = e["items"]
-            item_id += [item["item_id"] for item in items]
-            position += [item["position"] for item in items]
-            propensity += [item["propensity"] for item in items]
-            score += [item.get("score") for item in items]
+    for e, kind in zip(events, kinds):
+        if kind == "impression":
+            items = e.items
+            item_id += [item.item_id for item in items]
+            position += [item.position for item in items]
+            propensity += [item.propensity for item in items]
+            score += [item.score for item in items]
             rows_per_event.append(len(items))
-            slate_size.append(len(items))
         else:
-            item_id.append(e.get("item_id"))
-            position.append(e.get("position"))
+            item_id.append(e.item_id)
+            position.append(getattr(e, "position", None))
             propensity.append(None)
             score.append(None)
             rows_per_event.append(1)
-            slate_size.append(None)
     per_event = {
-        "event_id": [e["event_id"] for e in events],
-        "type": [e["type"] for e in events],
-        "user_id": [e["user_id"] for e in events],
-        "ts": [e["ts"] for e in events],
-        "request_id": [e.get("request_id") for e in events],
-        "model_version": [e.get("model_version") for e in events],
-        "policy": [e.get("policy") for e in events],
-        "surface": [e.get("surface") for e in events],
-        "value": [e.get("value") for e in events],
-        "slate_size": slate_size,
-        "context": [json.dumps(e["context"], separators=(",", ":")) if "context" in e else None for e in events],
-        "variant": [e.get("variant") for e in events],
+        "event_id": [e.event_id for e in events],
+        "type": kinds,
+        "user_id": [e.user_id for e in events],
+        "ts": [e.ts for e in events],
+        "request_id": [getattr(e, "request_id", None) for e in events],
+        "model_version": [getattr(e, "model_version", None) for e in events],
+        "policy": [getattr(e, "policy", None) for e in events],
+        "surface": _present([getattr(e, "surface", None) for e in events]),
+        "value": [getattr(e, "value", None) for e in events],
+        "slate_size": [rows if kind == "impression" else None for rows, kind in zip(rows_per_event, kinds)],
+        "context": [None if c is None or c is UNSET else json.dumps(c, separators=(",", ":"))
+                    for c in (getattr(e, "context", None) for e in events)],
+        "variant": _present([getattr(e, "variant", None) for e in events]),
         "source_partition": partitions,
         "source_offset": offsets,
     }
+    position, score = _present(position), _present(score)
     per_row = {"item_id": item_id, "position": position, "propensity": propensity, "score": score}
     parent = pa.array(np.repeat(np.arange(n), rows_per_event))
     columns = []
@@ -136,6 +138,13 @@ def events_table(
         else:
             columns.append(pa.array(per_event[name], kind).take(parent))
     return pa.Table.from_arrays(columns, schema=EVENTS_SCHEMA)
+
+
+def _present(values: list) -> list:
+    """Optional fields as Arrow reads them: None where the event left the field out (``UNSET``)."""
+    if UNSET not in values:  # one pass in C for the common case
+        return values
+    return [None if v is UNSET else v for v in values]
 
 
 @lru_cache(maxsize=4096)

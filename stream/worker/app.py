@@ -59,7 +59,7 @@ from stream.log.buffer import LogBuffer, Pending
 from stream.log.maintenance import compact
 from stream.examples import example_rows
 from stream.worker.output import BatchSender
-from stream.worker.pipeline import AnomalyDetector, BatchResult, IngestPipeline, Record
+from stream.worker.pipeline import AnomalyDetector, BatchResult, IngestPipeline
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Worker:
         awaitable finishes when Kafka has acknowledged all of them."""
         topics = self.topics
         messages = [(topics.dlq, key, message) for key, message in result.dlq]
-        messages += [(topics.examples, e["user_id"].encode(), e) for e in result.examples]
+        messages += [(topics.examples, e.user_id.encode(), e) for e in result.examples]
         messages += [(topics.anomalies, str(a["entity"]).encode(), a) for a in result.anomalies]
         return await self.sender.enqueue(messages)
 
@@ -386,9 +386,7 @@ class IngestService(Service):
         worker = self.worker
         if fetched:
             started = time.perf_counter()
-            records = [Record(m.value, m.partition, m.offset, m.key, m.topic)
-                       for messages in fetched.values() for m in messages]
-            result = worker.pipeline.process(records)
+            result = worker.pipeline.process([m for messages in fetched.values() for m in messages])
             acknowledged = asyncio.ensure_future(worker.deliver(result))
             if self._in_flight is not None:
                 await self._settle(*self._in_flight)

@@ -24,9 +24,9 @@ as it did live. Clicks that cannot be joined are not examples:
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
 from typing import Iterable
 
+from stream.events import Click, Impression, Item
 from stream.examples import CLICKED, CLOSED, FEEDBACK_PROTOCOLS, IMMEDIATE, SHOWN, WAIT, Example, click_example
 
 MATCHED = "matched"
@@ -36,11 +36,22 @@ NOT_SHOWN = "item_not_shown"
 DUPLICATE = "duplicate_click"
 
 
-@dataclass
 class _Slate:
-    impression: dict
-    items: dict[str, dict]
-    clicked: set[str] = field(default_factory=set)
+    """An open slate: its impression, and the items clicked so far."""
+
+    __slots__ = ("impression", "clicked", "_items")
+
+    def __init__(self, impression: Impression) -> None:
+        self.impression = impression
+        self.clicked: set[str] = set()
+        self._items: dict[str, Item] | None = None
+
+    @property
+    def items(self) -> dict[str, Item]:
+        """The shown items by id (built at the first click or close: most slates get neither)."""
+        if self._items is None:
+            self._items = {item.item_id: item for item in self.impression.items}
+        return self._items
 
 
 class ImpressionJoiner:
@@ -51,19 +62,17 @@ class ImpressionJoiner:
         max_weight: clip of the inverse-propensity weight an example carries.
         feedback: ``"wait"`` or ``"immediate"`` (module docstring).
 
+    >>> from stream.events import Click, Impression, Item
     >>> j = ImpressionJoiner(window_s=60)
-    >>> imp = {"event_id": "e1", "type": "impression", "user_id": "u", "ts": 0.0, "request_id": "r",
-    ...        "model_version": "m1", "policy": "greedy",
-    ...        "items": [{"item_id": "a", "position": 1, "propensity": 1.0},
-    ...                  {"item_id": "b", "position": 2, "propensity": 0.5}]}
+    >>> imp = Impression(schema_version=1, event_id="e1", user_id="u", ts=0.0, request_id="r", model_version="m1",
+    ...                  policy="greedy", items=[Item("a", position=1, propensity=1.0), Item("b", position=2, propensity=0.5)])
     >>> j.on_impression(imp) is None   # under ``wait`` feedback: nothing until a click or the close
     True
-    >>> outcome, ex = j.on_click({"event_id": "e2", "type": "click", "user_id": "u", "ts": 5.0,
-    ...                           "request_id": "r", "item_id": "b"})
-    >>> (item,) = ex["items"]
-    >>> outcome, ex["stage"], item["label"], item["position"], item["weight"]
+    >>> outcome, ex = j.on_click(Click(schema_version=1, event_id="e2", user_id="u", ts=5.0, request_id="r", item_id="b"))
+    >>> (item,) = ex.items
+    >>> outcome, ex.stage, item.label, item.position, item.weight
     ('matched', 'clicked', 1.0, 2, 2.0)
-    >>> [(e["stage"], [(i["item_id"], i["label"]) for i in e["items"]]) for e in j.advance(61.0)]
+    >>> [(e.stage, [(i.item_id, i.label) for i in e.items]) for e in j.advance(61.0)]
     [('closed', [('a', 0.0)])]
     """
 
@@ -84,35 +93,35 @@ class ImpressionJoiner:
     def __len__(self) -> int:
         return len(self._open)
 
-    def on_impression(self, impression: dict) -> Example | None:
+    def on_impression(self, impression: Impression) -> Example | None:
         """Open the slate of an impression (a repeated request_id keeps the first slate); under
         ``immediate`` feedback, return its ``shown`` example."""
-        request_id = impression["request_id"]
+        request_id = impression.request_id
         if request_id in self._open or request_id in self._closed:
             return None
-        items = {item["item_id"]: item for item in impression["items"]}
-        self._open[request_id] = _Slate(impression, items)
-        heapq.heappush(self._deadlines, (impression["ts"] + self.window_s, request_id))
+        self._open[request_id] = _Slate(impression)
+        heapq.heappush(self._deadlines, (impression.ts + self.window_s, request_id))
         if self.feedback == IMMEDIATE:
-            return click_example(impression, impression["items"], SHOWN, impression["ts"], impression["event_id"],
+            return click_example(impression, impression.items, SHOWN, impression.ts, impression.event_id,
                                  self.max_weight)
         return None
 
-    def on_click(self, click: dict) -> tuple[str, Example | None]:
+    def on_click(self, click: Click) -> tuple[str, Example | None]:
         """Join a click: (outcome, its ``clicked`` example or None)."""
-        request_id = click["request_id"]
+        request_id = click.request_id
         slate = self._open.get(request_id)
         if slate is None:
             return (LATE if request_id in self._closed else ORPHAN), None
-        item = slate.items.get(click["item_id"])
+        item_id = click.item_id
+        item = slate.items.get(item_id)
         if item is None:
             return NOT_SHOWN, None
-        if click["ts"] - slate.impression["ts"] > self.window_s:
+        if click.ts - slate.impression.ts > self.window_s:
             return LATE, None
-        if click["item_id"] in slate.clicked:
+        if item_id in slate.clicked:
             return DUPLICATE, None
-        slate.clicked.add(click["item_id"])
-        return MATCHED, click_example(slate.impression, [item], CLICKED, click["ts"], click["event_id"], self.max_weight)
+        slate.clicked.add(item_id)
+        return MATCHED, click_example(slate.impression, [item], CLICKED, click.ts, click.event_id, self.max_weight)
 
     def advance(self, watermark: float) -> list[Example]:
         """Move event time to ``watermark``; return the ``closed`` example of every slate whose
@@ -120,14 +129,15 @@ class ImpressionJoiner:
         if watermark > self.watermark:
             self.watermark = watermark
         closed = []
-        deadlines = self._deadlines
+        deadlines, wait = self._deadlines, self.feedback == WAIT
         while deadlines and deadlines[0][0] < self.watermark:
             close_at, request_id = heapq.heappop(deadlines)
             slate = self._open.pop(request_id)
-            imp, clicked = slate.impression, slate.clicked
-            unclicked = [item for item_id, item in slate.items.items() if item_id not in clicked]
-            if unclicked and self.feedback == WAIT:
-                closed.append(click_example(imp, unclicked, CLOSED, imp["ts"], imp["event_id"], self.max_weight))
+            if wait:
+                imp, clicked = slate.impression, slate.clicked
+                unclicked = [item for item_id, item in slate.items.items() if item_id not in clicked]
+                if unclicked:
+                    closed.append(click_example(imp, unclicked, CLOSED, imp.ts, imp.event_id, self.max_weight))
             self._closed[request_id] = close_at
             heapq.heappush(self._closed_order, (close_at, request_id))
         self._forget_closed()
@@ -135,7 +145,7 @@ class ImpressionJoiner:
 
     def restore(
         self,
-        impressions: Iterable[dict],
+        impressions: Iterable[Impression],
         clicked: Iterable[tuple[str, str]],
         watermark: float,
         closed: Iterable[tuple[str, float]] = (),

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Iterable, Sequence
 
-import orjson
+import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-Message = tuple[str, bytes | None, dict]  # topic, key, JSON-serialisable value
+Message = tuple[str, bytes | None, object]  # topic, key, value msgspec writes as JSON (a dict, a Struct)
+
+
+_JSON = msgspec.json.Encoder()
 
 
 class BatchSender:
@@ -81,7 +84,7 @@ class BatchSender:
         await self._partition_counts({topic for topic, _, _ in messages})
         builders: dict[tuple[str, int], object] = {}
         pending = []
-        producer, partition_of, dumps = self._producer, self._partition, orjson.dumps
+        producer, partition_of, dumps = self._producer, self._partition, _JSON.encode
         for topic, key, value in messages:
             partition = partition_of(topic, key)
             slot = (topic, partition)

@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import pandas as pd
 import pyarrow as pa
+from msgspec import UNSET
 
 from stream.worker import metrics
 from stream.worker.dedupe import DedupeWindow
 from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog, events_table
-from stream.events import DEFAULT_MAX_FUTURE_S, InvalidEvent, decode
+from stream.events import (DEFAULT_MAX_FUTURE_S, EVENT_TYPE, SCHEMA_VERSION, Event, Impression, InvalidEvent, Item,
+                           decode)
 from stream.examples import (CLICK, CLICK_LABELS, CLOSED, FEEDBACK_PROTOCOLS, NEGATIVE, RATED, RATING, WAIT, Example,
                              label_name, rating_example)
 from stream.worker.join import MATCHED, ImpressionJoiner
@@ -61,9 +64,20 @@ class AnomalyDetector(Protocol):
     def describe(self) -> str: ...
 
 
+class Message(Protocol):
+    """What the pipeline reads of a Kafka message: ``Record`` here, or aiokafka's ``ConsumerRecord``
+    as the consumer returns it (the worker passes those on without copying them)."""
+
+    value: bytes | None
+    partition: int
+    offset: int
+    key: bytes | None
+    topic: str
+
+
 @dataclass
 class Record:
-    """One Kafka message as the worker received it."""
+    """One Kafka message as the worker received it (a ``Message``)."""
 
     value: bytes | None
     partition: int
@@ -85,7 +99,7 @@ class BatchResult:
     join_outcomes: Counter = field(default_factory=Counter)
 
 
-def dlq_message(record: Record, error: InvalidEvent) -> dict:
+def dlq_message(record: Message, error: InvalidEvent) -> dict:
     """The dead-letter record: reason, detail, the raw bytes (base64) and where they came from."""
     raw = record.value if record.value is not None else b""
     return {
@@ -180,9 +194,9 @@ class IngestPipeline:
     def remembered_ids(self) -> int:
         return sum(len(state.dedupe) for state in self.partitions.values())
 
-    def process(self, records: Sequence[Record]) -> BatchResult:
+    def process(self, records: Sequence[Message]) -> BatchResult:
         out = BatchResult()
-        accepted: list[dict] = []
+        accepted: list[Event] = []
         partitions: list[int] = []
         offsets: list[int] = []
         examples = out.examples
@@ -194,7 +208,7 @@ class IngestPipeline:
         for record in records:
             if record.partition != current:
                 current, state = record.partition, self.partition(record.partition)
-                joiner = state.joiner
+                joiner, remember = state.joiner, state.dedupe.add
             state.next_offset = record.offset + 1
             try:
                 event = decode(record.value, now=now, max_future_s=max_future_s)
@@ -202,8 +216,8 @@ class IngestPipeline:
                 out.dlq.append((record.key, dlq_message(record, err)))
                 dlq_reasons[err.reason] += 1
                 continue
-            ts = event["ts"]
-            if not state.dedupe.add(event["event_id"], ts):
+            ts = event.ts
+            if not remember(event.event_id, ts):
                 out.duplicates += 1
                 continue
             if ts > newest.get(current, float("-inf")):
@@ -211,7 +225,7 @@ class IngestPipeline:
             accepted.append(event)
             partitions.append(current)
             offsets.append(record.offset)
-            kind = event["type"]
+            kind = EVENT_TYPE[type(event)]
             types[kind] += 1
             if kind == "impression":
                 shown = joiner.on_impression(event)
@@ -243,17 +257,17 @@ class IngestPipeline:
             metrics.DUPLICATES.inc(out.duplicates)
         return out
 
-    def _detect(self, accepted: list[dict], partitions: list[int]) -> list[dict]:
+    def _detect(self, accepted: list[Event], partitions: list[int]) -> list[dict]:
         """Score the batch in slices of at most ``anomaly_slice_s`` of event time, in time order;
         each event updates the detector's windows of its source partition (``partitions``).
 
         A replayed backlog packs hours of event time into one batch; the detector scores an
         entity at most once per call, so without slicing a burst inside the batch would be seen
-        only as part of a long average.
+        only as part of a long average. The detector reads events as the dictionaries of JSON.
         """
         detector, records = self.detector, []
-        order = sorted(range(len(accepted)), key=lambda i: accepted[i]["ts"])
-        ordered = [accepted[i] for i in order]
+        order = sorted(range(len(accepted)), key=lambda i: accepted[i].ts)
+        ordered = msgspec.to_builtins([accepted[i] for i in order])
         sources = [partitions[i] for i in order]
         start = 0
         for end in range(1, len(ordered) + 1):
@@ -284,18 +298,18 @@ class IngestPipeline:
             flags: dict[str, bool] = {}
             flagged = 0
             for example in examples:
-                user = example["user_id"]
+                user = example.user_id
                 flag = flags.get(user)
                 if flag is None:
                     flag = flags[user] = detector.is_flagged(user)
                 if flag:
-                    example["anomalous"] = True
-                    flagged += len(example["items"])
+                    example.anomalous = True
+                    flagged += len(example.items)
             if flagged:
                 metrics.SKIPPED_ANOMALOUS.inc(flagged)
         labels: Counter = Counter()
         for example in examples:  # one message per outcome: its items share a label but for ratings
-            labels[example["kind"], _LABEL_NAMES[example["stage"]]] += len(example["items"])
+            labels[example.kind, _LABEL_NAMES[example.stage]] += len(example.items)
         _count(metrics.EXAMPLES, labels)
 
     def restore(self, log: DeltaLog) -> dict:
@@ -346,7 +360,7 @@ class IngestPipeline:
         slates = [_impression_from_rows(group) for _, group in impressions.groupby("event_id", sort=False)]
         labelled = log.read(EXAMPLES, since_ts=newest - horizon - window,
                             columns=["request_id", "item_id", "label", "kind", "stage"])
-        labelled = labelled[(labelled["kind"] == "click") & labelled["request_id"].isin({s["request_id"] for s in slates})]
+        labelled = labelled[(labelled["kind"] == "click") & labelled["request_id"].isin({s.request_id for s in slates})]
         stage = labelled["stage"]  # null in rows logged before stages: those are closed or clicked
         closed = (stage == CLOSED) | (stage.isna() & (labelled["label"] == NEGATIVE))
         negatives_logged = set(labelled.loc[closed, "request_id"])
@@ -354,16 +368,16 @@ class IngestPipeline:
             first_rows = impressions.drop_duplicates("event_id").index  # in the order of the groups
             since = newest - detector.idle_s
             detector.warm_windows(_events_since(rows, dict(zip(first_rows, slates)), since), partition)
-        slates.sort(key=lambda imp: imp["ts"])
+        slates.sort(key=lambda imp: imp.ts)
         # A slate whose ``closed`` example is in the log was closed (perhaps by the idle timer, ahead of
         # event time); one whose window has passed is closed too. The rest are still open.
-        is_open = [imp["request_id"] not in negatives_logged and imp["ts"] + window >= newest for imp in slates]
+        is_open = [imp.request_id not in negatives_logged and imp.ts + window >= newest for imp in slates]
         positives = labelled[labelled["label"] > NEGATIVE]
         state.joiner.restore(
             [imp for imp, o in zip(slates, is_open) if o],
             zip(positives["request_id"], positives["item_id"]),
             newest,
-            closed=[(imp["request_id"], imp["ts"] + window) for imp, o in zip(slates, is_open) if not o],
+            closed=[(imp.request_id, imp.ts + window) for imp, o in zip(slates, is_open) if not o],
         )
         state.last_event_ts = float(newest)
         return {"events": len(ids), "open_slates": len(state.joiner), "from_log": True}
@@ -402,11 +416,11 @@ def _count(counter, counts: dict) -> None:
         counter.labels(*(label if isinstance(label, tuple) else (label,))).inc(n)
 
 
-def _events_since(rows: pd.DataFrame, impressions: dict[int, dict], since: float) -> list[dict]:
+def _events_since(rows: pd.DataFrame, impressions: dict[int, Impression], since: float) -> list[dict]:
     """The logged events with ts >= since in log order, as far as the detector's windows need
-    them: ``impressions`` (by the index of their first row) as they are; clicks and ratings
-    rebuilt with type, user, time and item."""
-    events = {row: imp for row, imp in impressions.items() if imp["ts"] >= since}
+    them: ``impressions`` (by the index of their first row) as the dictionaries of JSON; clicks
+    and ratings rebuilt with type, user, time and item."""
+    events = {row: msgspec.to_builtins(imp) for row, imp in impressions.items() if imp.ts >= since}
     others = rows[(rows["type"] != "impression") & (rows["ts"] >= since)]
     for row, kind, user_id, ts, item_id in zip(others.index, others["type"], others["user_id"],
                                                 others["ts"], others["item_id"]):
@@ -414,23 +428,19 @@ def _events_since(rows: pd.DataFrame, impressions: dict[int, dict], since: float
     return [events[row] for row in sorted(events)]
 
 
-def _impression_from_rows(group: pd.DataFrame) -> dict:
+def _impression_from_rows(group: pd.DataFrame) -> Impression:
     first = group.iloc[0]
-    impression = {
-        "event_id": first["event_id"],
-        "type": "impression",
-        "user_id": first["user_id"],
-        "ts": float(first["ts"]),
-        "request_id": first["request_id"],
-        "model_version": first["model_version"],
-        "policy": first["policy"],
-        "items": [
-            {"item_id": row.item_id, "position": int(row.position), "propensity": float(row.propensity),
-             "score": None if pd.isna(row.score) else float(row.score)}
-            for row in group.itertuples()
-        ],
-    }
     variant = first.get("variant")  # tables written before the column read it as null
-    if isinstance(variant, str):
-        impression["variant"] = variant
-    return impression
+    return Impression(
+        schema_version=SCHEMA_VERSION,
+        event_id=first["event_id"],
+        user_id=first["user_id"],
+        ts=float(first["ts"]),
+        request_id=first["request_id"],
+        model_version=first["model_version"],
+        policy=first["policy"],
+        items=[Item(row.item_id, position=int(row.position), propensity=float(row.propensity),
+                    score=UNSET if pd.isna(row.score) else float(row.score))
+               for row in group.itertuples()],
+        variant=variant if isinstance(variant, str) else UNSET,
+    )

@@ -9,11 +9,11 @@ it is killed and every kill makes duplicates.
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections import Counter
 
+import msgspec
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from learner.service import Learner
 from learner.settings import LearnerSettings
 from stream import events as ev
-from stream.examples import EXAMPLE_KINDS, example_rows
+from stream.examples import EXAMPLE_KINDS, Example, example_rows
 from stream.producer import EventProducer
 from stream.topics import Topics, ensure_topics
 from tests.traffic import BASE_TS, click_flood
@@ -44,7 +44,7 @@ def _examples_on_topic(bootstrap: str, topic: str) -> list[dict]:
     """The labelled items (``example_rows``) of every message on ``topic`` up to its end offsets at
     the call (the worker may still send)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    out: list[dict] = []
+    out: list[Example] = []
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         ends = consumer.end_offsets(partitions)
@@ -54,7 +54,7 @@ def _examples_on_topic(bootstrap: str, topic: str) -> list[dict]:
         while any(consumer.position(tp) < end for tp, end in ends.items()):
             assert time.monotonic() < deadline, f"read {len(out)} of the {sum(ends.values())} messages on {topic}"
             for tp, records in consumer.poll(timeout_ms=500).items():
-                out += [json.loads(r.value) for r in records if r.offset < ends[tp]]
+                out += [msgspec.json.decode(r.value, type=Example) for r in records if r.offset < ends[tp]]
     finally:
         consumer.close()
     return example_rows(out).to_pylist()

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from kafka import KafkaProducer
 
 from learner.updates import DeltaAssembler, latest_snapshot, read_snapshot
-from stream.examples import example_batch, rating_example
+from stream.events import Rating
+from stream.examples import Example, example_batch, rating_example
 from stream.topics import Topics
 from stream.tools.kafka_local import free_port
 from stream.tools.scrape import scrape
@@ -23,16 +25,17 @@ from tests.workerproc import read_topic, wait_for
 pytestmark = pytest.mark.kafka
 
 
-def _examples(n: int, seed: int = 0) -> list[dict]:
+def _examples(n: int, seed: int = 0) -> list[Example]:
     """Ratings of a planted rank-2 matrix, plus every 10th example flagged anomalous."""
     rng = np.random.default_rng(seed)
     pu, qi = rng.normal(size=(60, 2)), rng.normal(size=(40, 2))
     out = []
     for j in range(n):
         u, i = int(rng.integers(60)), int(rng.integers(40))
-        example = rating_example({"user_id": f"u{u}", "item_id": f"i{i}", "event_id": f"e{seed}-{j}",
-                                  "value": float(np.clip(3 + pu[u] @ qi[i], 1, 5)), "ts": 1_700_000_000.0 + j})
-        out.append({**example, "anomalous": j % 10 == 9})
+        example = rating_example(Rating(schema_version=1, event_id=f"e{seed}-{j}", user_id=f"u{u}",
+                                        ts=1_700_000_000.0 + j, item_id=f"i{i}",
+                                        value=float(np.clip(3 + pu[u] @ qi[i], 1, 5))))
+        out.append(msgspec.structs.replace(example, anomalous=j % 10 == 9))
     return out
 
 
@@ -88,9 +91,9 @@ def test_learner_trains_publishes_and_resumes_from_its_offsets(kafka_bootstrap, 
     examples = _examples(6000)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
 
-    def send(part: list[dict]) -> None:
+    def send(part: list[Example]) -> None:
         for e in part:
-            producer.send(topics.examples, key=e["user_id"].encode(), value=json.dumps(e).encode())
+            producer.send(topics.examples, key=e.user_id.encode(), value=msgspec.json.encode(e))
         producer.flush()
 
     send(examples[:3000])

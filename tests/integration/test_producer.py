@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import NewTopic
@@ -86,7 +87,7 @@ def test_send_keys_by_user_and_configures_kafka(fake_kafka: type[FakeKafkaProduc
     assert client.config["acks"] == "all" and client.config["compression_type"] == "gzip"
     assert client.config["linger_ms"] == 5 and client.config["batch_size"] >= 64 * 1024
     ((topic, value, key),) = client.records
-    assert topic == EVENTS_TOPIC and key == "ü-7".encode() and decode(value) == event
+    assert topic == EVENTS_TOPIC and key == "ü-7".encode() and msgspec.to_builtins(decode(value)) == event
     assert producer.sent == 1
 
 
@@ -153,8 +154,9 @@ def test_events_round_trip_through_a_real_broker(kafka_bootstrap: str, unique_na
         consumer.close()
     assert len(received) == len(sent)
     for record in received:
-        assert record.key == decode(record.value)["user_id"].encode()
-    assert sorted((decode(r.value) for r in received), key=lambda e: e["event_id"]) == sorted(sent, key=lambda e: e["event_id"])
+        assert record.key == decode(record.value).user_id.encode()
+    assert sorted((msgspec.to_builtins(decode(r.value)) for r in received), key=lambda e: e["event_id"]) == sorted(
+        sent, key=lambda e: e["event_id"])
     alice = [r for r in received if r.key == b"alice"]
     assert len({r.partition for r in alice}) == 1  # one user, one partition, in order
-    assert [decode(r.value)["event_id"] for r in alice] == [e["event_id"] for e in sent if e["user_id"] == "alice"]
+    assert [decode(r.value).event_id for r in alice] == [e["event_id"] for e in sent if e["user_id"] == "alice"]

@@ -9,6 +9,7 @@ import contextlib
 import time
 
 import aiohttp
+import msgspec
 import numpy as np
 import orjson
 import pytest
@@ -17,6 +18,7 @@ from kafka import KafkaProducer
 from learner.updates import ModelRows, delta_messages, write_snapshot
 from serving.app import ServingApp
 from serving.settings import ServeSettings
+from stream.events import Rating
 from stream.examples import rating_example
 from stream.topics import Topics
 from stream.topics import ensure_topics
@@ -191,9 +193,10 @@ def test_the_shadow_check_refuses_a_worse_snapshot_and_promotes_a_good_one(kafka
             for j in range(300):  # outcomes the live model predicts well, served by it
                 user, item = f"u{rng.integers(40)}", f"i{rng.integers(500)}"
                 label = float(live.predict(user, [item], "rating")[0] + rng.normal(0, 0.2))
-                example = {**rating_example({"user_id": user, "item_id": item, "value": label, "ts": time.time(),
-                                             "event_id": f"r{j}"}), "model_version": "mf-1"}
-                producer.send(topics.examples, key=user.encode(), value=orjson.dumps(example))
+                example = msgspec.structs.replace(
+                    rating_example(Rating(schema_version=1, event_id=f"r{j}", user_id=user, ts=time.time(),
+                                          item_id=item, value=label)), model_version="mf-1")
+                producer.send(topics.examples, key=user.encode(), value=msgspec.json.encode(example))
             producer.flush()
 
             async def observed():

@@ -72,7 +72,7 @@ def test_sdk_events_reach_the_log_and_examples(kafka_bootstrap, worker_env):
     by_stage = {m["stage"]: m for m in messages}
     assert sorted(by_stage) == ["clicked", "closed", "rated"]
     for m in messages:
-        assert set(m) == set(Example.__annotations__)
+        assert set(m) == set(Example.__struct_fields__)
     assert (by_stage["clicked"]["event_id"], by_stage["closed"]["event_id"]) == (clk["event_id"], imp["event_id"])
     assert by_stage["clicked"]["items"] == [{"item_id": "b", "position": 2, "propensity": 0.25, "weight": 4.0, "label": 1.0,
                                              "score": 0.8}]

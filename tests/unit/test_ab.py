@@ -13,6 +13,7 @@ import serving.ab
 from serving.ab import ArmData, arm_stats, compare
 from serving.ab_log import compare_variants, format_table, slates_from_log
 from stream import events as ev
+from stream.events import to_event
 from stream.cli import main
 from stream.log.table import EVENTS, DeltaLog, events_table
 
@@ -92,7 +93,7 @@ T = 1.7e9
 
 def write_log(root, impressions, clicks):
     log = DeltaLog(root)
-    log.append(EVENTS, events_table(impressions + clicks))
+    log.append(EVENTS, events_table([to_event(e) for e in impressions + clicks]))  # the Structs decode gives
     return root
 
 

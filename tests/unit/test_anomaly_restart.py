@@ -16,6 +16,7 @@ from stream.anomaly import checkpoint as checkpoint_mod
 from stream.anomaly.checkpoint import MANIFEST
 from stream.worker.app import create_worker
 from stream.config import StreamSettings
+from stream.examples import example_rows
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.log.buffer import Pending
 from stream.worker.pipeline import IngestPipeline, Record
@@ -48,7 +49,7 @@ def run_logged(pipeline: IngestPipeline, log: DeltaLog, events: list[dict]) -> l
     for batch in batches(events):
         result = pipeline.process(batch)
         log.append(EVENTS, result.log_table)
-        log.append(EXAMPLES, result.examples)
+        log.append(EXAMPLES, example_rows(result.examples))
         records += result.anomalies
     return records
 
@@ -134,7 +135,7 @@ def test_checkpoint_and_log_restore_continue_exactly_like_an_uninterrupted_detec
     for batch in batches(stream[1], start=len(stream[0])):
         for name, pipeline in (("live", live), ("warm", warm), ("cold", cold)):
             result = pipeline.process(batch)
-            records[name].append((result.anomalies, [(e["user_id"], e["anomalous"]) for e in result.examples]))
+            records[name].append((result.anomalies, [(e.user_id, e.anomalous) for e in result.examples]))
     assert records["warm"] == records["live"]
     alarms = [a for anomalies, _ in records["live"] for a in anomalies]
     assert any(a["entity"] == "bot" and a["kind"] == "user" for a in alarms)

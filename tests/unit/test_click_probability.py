@@ -8,6 +8,7 @@ from learner.service import Learner
 from learner.settings import LearnerSettings
 from learner.updates import DeltaAssembler, ModelRows, delta_messages, read_snapshot, write_snapshot
 from serving.model import ServingModel
+from stream.events import Impression, Item
 from stream.examples import CLICKED, CLOSED, click_example, example_batch, example_rows
 
 N_USERS, N_ITEMS, RANK, SLATE = 300, 120, 3, 5
@@ -36,16 +37,16 @@ def position_world(seed: int, n_slates: int):
         batch = []
         for s in range(0, len(u), SLATE):
             slates += 1
-            impression = {"event_id": f"imp-{slates}", "user_id": f"u{u[s]}", "ts": 0.0, "request_id": f"r{slates}",
-                          "model_version": "m", "policy": "uniform",
-                          "items": [{"item_id": f"i{b}", "position": int(p), "propensity": SLATE / N_ITEMS}
-                                    for b, p in zip(i[s:s + SLATE], k[s:s + SLATE])]}
+            impression = Impression(schema_version=1, event_id=f"imp-{slates}", user_id=f"u{u[s]}", ts=0.0,
+                                    request_id=f"r{slates}", model_version="m", policy="uniform",
+                                    items=[Item(f"i{b}", position=int(p), propensity=SLATE / N_ITEMS)
+                                           for b, p in zip(i[s:s + SLATE], k[s:s + SLATE])])
             clicked = clicks[s:s + SLATE]
-            batch += [click_example(impression, [item], CLICKED, 0.0, f"clk-{slates}-{item['position']}", 50.0)
-                      for item, c in zip(impression["items"], clicked) if c]
+            batch += [click_example(impression, [item], CLICKED, 0.0, f"clk-{slates}-{item.position}", 50.0)
+                      for item, c in zip(impression.items, clicked) if c]
             if not clicked.all():
-                batch.append(click_example(impression, [item for item, c in zip(impression["items"], clicked) if not c],
-                                           CLOSED, 0.0, impression["event_id"], 50.0))
+                batch.append(click_example(impression, [item for item, c in zip(impression.items, clicked) if not c],
+                                           CLOSED, 0.0, impression.event_id, 50.0))
         yield batch
 
 

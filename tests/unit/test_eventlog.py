@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 import pytest
 
+from stream.events import Event, to_event
 from stream.log.table import (
     EVENTS,
     EVENTS_SCHEMA,
@@ -55,9 +56,14 @@ def rating(ts=T + 2, event_id="rat1", value=4.5, user_id="u1") -> dict:
             "item_id": "z", "value": value}
 
 
+def structs(events: list[dict]) -> list[Event]:
+    """The test's event dictionaries as the Structs ``decode`` gives (``events_table``'s input)."""
+    return [to_event(e) for e in events]
+
+
 def event_rows(event: dict, partition: int | None = None, offset: int | None = None) -> list[dict]:
     """The log rows of one event on its own, as dictionaries."""
-    return events_table([event], [partition], [offset]).to_pylist()
+    return events_table(structs([event]), [partition], [offset]).to_pylist()
 
 
 def example_row(ts, item_id="a", label=1.0, event_id=None) -> dict:
@@ -108,7 +114,7 @@ def test_events_table_is_the_rows_of_each_event_in_order():
     """A batch's table holds every event's rows, in event order, with each event's source offsets."""
     batch = [impression(event_id="i1"), click(event_id="c1"), rating(event_id="r1"),
              impression(event_id="i2", request_id="r2", with_extras=False)]
-    table = events_table(batch, [0, 1, 2, 3], [10, 11, 12, 13])
+    table = events_table(structs(batch), [0, 1, 2, 3], [10, 11, 12, 13])
     assert table.schema == EVENTS_SCHEMA
     expected = [row for k, event in enumerate(batch) for row in event_rows(event, k, 10 + k)]
     assert table.to_pylist() == expected
@@ -120,7 +126,7 @@ def test_append_accepts_an_arrow_table_and_partitions_it_by_hour(tmp_path):
     batch = [rating(ts=utc(2024, 1, 1, 5), event_id="a"), rating(ts=utc(2024, 1, 1, 7), event_id="b"),
              rating(ts=utc(2023, 12, 31, 23, 59, 59.5), event_id="c")]
     log = DeltaLog(tmp_path)
-    assert log.append(EVENTS, events_table(batch)) == 3
+    assert log.append(EVENTS, events_table(structs(batch))) == 3
     assert sorted(log.read(EVENTS)["event_id"]) == ["a", "b", "c"]
     files = sorted(str(p.parent.relative_to(tmp_path)) for p in (tmp_path / EVENTS).rglob("*.parquet")
                    if "_delta_log" not in p.parts)
@@ -131,7 +137,7 @@ def test_append_accepts_an_arrow_table_and_partitions_it_by_hour(tmp_path):
 def test_each_append_is_one_commit_with_the_offsets_of_its_partitions(tmp_path):
     """The offsets ride in the same commit as the rows, as Delta transaction ids per group, topic and partition."""
     log = DeltaLog(tmp_path)
-    rows = events_table([rating(event_id="a"), rating(event_id="b")], [0, 1], [5, 9])
+    rows = events_table(structs([rating(event_id="a"), rating(event_id="b")]), [0, 1], [5, 9])
     log.append(EVENTS, rows, offsets={("ev", 0): 5, ("ev", 1): 9}, group="g")
     table = DeltaTable(str(tmp_path / EVENTS))
     assert table.version() == 0
@@ -143,9 +149,9 @@ def test_each_append_is_one_commit_with_the_offsets_of_its_partitions(tmp_path):
 def test_a_replayed_batch_is_not_appended_twice(tmp_path):
     """Rows at or below the offset the table records for their partition are left out; newer rows go in."""
     log = DeltaLog(tmp_path)
-    first = events_table([rating(event_id=f"e{k}") for k in range(4)], [0, 0, 1, 1], [0, 1, 0, 1])
+    first = events_table(structs([rating(event_id=f"e{k}") for k in range(4)]), [0, 0, 1, 1], [0, 1, 0, 1])
     log.append(EVENTS, first, offsets={("ev", 0): 1, ("ev", 1): 1}, group="g")
-    replay = events_table([rating(event_id=f"e{k}") for k in range(1, 6)], [0, 1, 1, 0, 1], [1, 0, 1, 2, 2])
+    replay = events_table(structs([rating(event_id=f"e{k}") for k in range(1, 6)]), [0, 1, 1, 0, 1], [1, 0, 1, 2, 2])
     assert log.append(EVENTS, replay, offsets={("ev", 0): 2, ("ev", 1): 2}, group="g") == 2
     assert sorted(log.read(EVENTS)["event_id"]) == ["e0", "e1", "e2", "e3", "e4", "e5"]
     assert log.recorded_offsets(EVENTS, "g", "ev", [0, 1]) == {0: 2, 1: 2}
@@ -162,7 +168,7 @@ def test_an_append_whose_offsets_are_all_recorded_is_skipped(tmp_path):
 def test_resume_offsets_follow_the_table_that_lags(tmp_path):
     """One past the last offset both tables record; None for a partition the log knows nothing of."""
     log = DeltaLog(tmp_path)
-    log.append(EVENTS, events_table([rating()], [0], [8]), offsets={("ev", 0): 8}, group="g")
+    log.append(EVENTS, events_table(structs([rating()]), [0], [8]), offsets={("ev", 0): 8}, group="g")
     assert log.resume_offsets("g", "ev", [0, 1]) == {0: None, 1: None}  # examples not committed yet
     log.append(EXAMPLES, [], offsets={("ev", 0): 6}, group="g")
     assert log.resume_offsets("g", "ev", [0, 1]) == {0: 7, 1: None}
@@ -178,9 +184,9 @@ def test_empty_append_without_offsets_writes_nothing(tmp_path):
 def test_uncommitted_data_files_are_invisible(tmp_path):
     """A data file without a commit (a worker killed between the two) is not read."""
     log = DeltaLog(tmp_path)
-    log.append(EVENTS, events_table([rating()]))
+    log.append(EVENTS, events_table(structs([rating()])))
     folder = next(p.parent for p in (tmp_path / EVENTS).rglob("*.parquet") if "_delta_log" not in p.parts)
-    pq.write_table(events_table([rating(event_id="ghost")]), folder / "part-crashed.parquet")
+    pq.write_table(events_table(structs([rating(event_id="ghost")])), folder / "part-crashed.parquet")
     assert log.read(EVENTS)["event_id"].tolist() == ["rat1"]
 
 
@@ -234,7 +240,7 @@ def test_read_since_ts_filters_rows_across_hours(tmp_path):
 def test_read_one_source_partition_up_to_an_offset(tmp_path):
     """A partition's rows up to an offset: what a worker restores when it is assigned that partition."""
     log = DeltaLog(tmp_path)
-    log.append(EVENTS, events_table([rating(event_id=f"e{k}") for k in range(5)], [0, 1, 0, 1, 0], [0, 0, 1, 1, 2]))
+    log.append(EVENTS, events_table(structs([rating(event_id=f"e{k}") for k in range(5)]), [0, 1, 0, 1, 0], [0, 0, 1, 1, 2]))
     assert sorted(log.read(EVENTS, source_partition=0)["event_id"]) == ["e0", "e2", "e4"]
     assert sorted(log.read(EVENTS, source_partition=0, until_offset=1)["event_id"]) == ["e0", "e2"]
     assert log.partitions_logged() == [0, 1]
@@ -262,7 +268,7 @@ def test_read_columns_subset(tmp_path):
 def test_a_column_the_table_has_not_seen_reads_as_nulls_and_joins_on_append(tmp_path):
     """A table written before a column joined the schema reads it as nulls; the next append adds it."""
     log = DeltaLog(tmp_path)
-    older = events_table([rating(event_id="old")]).drop_columns(["variant"])
+    older = events_table(structs([rating(event_id="old")])).drop_columns(["variant"])
     write_deltalake(str(tmp_path / EVENTS), with_partition_columns(older), partition_by=["date", "hour"])
     before = log.read(EVENTS, columns=["event_id", "variant"])
     assert before["event_id"].tolist() == ["old"] and before["variant"].isna().all()

@@ -24,14 +24,20 @@ def make_impression(n_items: int = 3) -> dict:
 
 
 def test_a_valid_event_is_decoded_by_the_compiled_path_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the detailed path taken away, valid events still decode, unknown fields and context kept."""
+    """With the detailed path taken away, valid events still decode, context and variant kept; a
+    valid event with unknown fields takes the detailed path and decodes without them."""
     def no_slow_path(*args: object) -> dict:
         raise AssertionError("the detailed path ran for a valid event")
 
     monkeypatch.setattr(codec, "_decode_slow", no_slow_path)
-    impression = make_impression() | {"experiment": {"arm": 2}}
+    impression = make_impression()
     for event in (impression, events.click("u1", "r1", "i1", ts=1.7e9), events.rating("u1", "i1", 4, ts=1.7e9)):
-        assert decode(json.dumps(event).encode(), now=NOW) == event
+        assert msgspec.to_builtins(decode(json.dumps(event).encode(), now=NOW)) == event
+    with_unknown = json.dumps(impression | {"experiment": {"arm": 2}}).encode()
+    with pytest.raises(AssertionError, match="the detailed path ran"):
+        decode(with_unknown, now=NOW)
+    monkeypatch.undo()
+    assert msgspec.to_builtins(decode(with_unknown, now=NOW)) == impression
 
 
 def test_the_structs_type_every_event_and_ignore_unknown_fields() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -14,27 +15,28 @@ from learner.service import Learner
 from learner.settings import LearnerSettings
 from stream import events as ev
 from sim.tastes import TASTE_A, TASTE_B, taste_fans, taste_slates
-from stream.events import encode
+from stream.events import Impression, Item, encode, to_event
 from stream.examples import CLICKED, SHOWN, click_example, example_batch, example_rows
 from stream.worker.join import ImpressionJoiner
 from stream.worker.pipeline import IngestPipeline, Record
 
-IMP = {"event_id": "e1", "type": "impression", "user_id": "u", "ts": 100.0, "request_id": "r", "model_version": "m1",
-       "policy": "greedy", "surface": "home",
+IMP = {"event_id": "e1", "type": "impression", "schema_version": 1, "user_id": "u", "ts": 100.0, "request_id": "r",
+       "model_version": "m1", "policy": "greedy", "surface": "home",
        "items": [{"item_id": "a", "position": 1, "propensity": 1.0}, {"item_id": "b", "position": 2, "propensity": 0.5}]}
-CLICK = {"event_id": "e2", "type": "click", "user_id": "u", "ts": 105.0, "request_id": "r", "item_id": "b"}
+CLICK = {"event_id": "e2", "type": "click", "schema_version": 1, "user_id": "u", "ts": 105.0, "request_id": "r",
+         "item_id": "b"}
 
 
 def test_an_impression_is_sent_at_once_and_a_closing_window_sends_nothing():
     joiner = ImpressionJoiner(window_s=60, feedback="immediate")
-    shown = joiner.on_impression(IMP)
-    assert (shown["stage"], shown["event_id"], shown["ts"]) == (SHOWN, "e1", 100.0)
-    assert [(i["item_id"], i["label"], i["position"], i["weight"]) for i in shown["items"]] == [
+    shown = joiner.on_impression(to_event(IMP))
+    assert (shown.stage, shown.event_id, shown.ts) == (SHOWN, "e1", 100.0)
+    assert [(i.item_id, i.label, i.position, i.weight) for i in shown.items] == [
         ("a", 0.0, 1, 1.0), ("b", 0.0, 2, 2.0)]
-    outcome, clicked = joiner.on_click(CLICK)
-    assert outcome == "matched" and clicked["stage"] == CLICKED and clicked["items"][0]["label"] == 1.0
+    outcome, clicked = joiner.on_click(to_event(CLICK))
+    assert outcome == "matched" and clicked.stage == CLICKED and clicked.items[0].label == 1.0
     assert joiner.advance(200.0) == [] and len(joiner) == 0
-    assert joiner.on_click({**CLICK, "event_id": "e3", "item_id": "a", "ts": 201.0})[0] == "late_click"
+    assert joiner.on_click(to_event({**CLICK, "event_id": "e3", "item_id": "a", "ts": 201.0}))[0] == "late_click"
 
 
 def test_the_pipeline_sends_shown_then_clicked_and_rejects_an_unknown_protocol():
@@ -42,7 +44,7 @@ def test_the_pipeline_sends_shown_then_clicked_and_rejects_an_unknown_protocol()
     imp = ev.impression("u", "r", "m1", "greedy", IMP["items"], ts=time.time())
     click = ev.click("u", "r", "b", ts=imp["ts"] + 5)
     out = pipeline.process([Record(encode(imp), 0, 0), Record(encode(click), 0, 1)])
-    assert [e["stage"] for e in out.examples] == [SHOWN, CLICKED]
+    assert [e.stage for e in out.examples] == [SHOWN, CLICKED]
     rows = example_rows(out.examples)
     assert rows.num_rows == 3 and rows["label"].to_pylist() == [0.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="feedback must be one of"):
@@ -81,15 +83,15 @@ def _immediate_world(seed: int, n_slates: int, slate: int = 5, n_users: int = 20
         for _ in range(100):
             k += 1
             u, shown = rng.integers(n_users), rng.choice(n_items, slate, replace=False)
-            imp = {"event_id": f"imp-{k}", "user_id": f"u{u}", "ts": 10.0 * k, "request_id": f"r{k}",
-                   "model_version": "m", "policy": "uniform",
-                   "items": [{"item_id": f"i{i}", "position": p + 1, "propensity": slate / n_items}
-                             for p, i in enumerate(shown)]}
-            batch.append(click_example(imp, imp["items"], SHOWN, imp["ts"], imp["event_id"], 50.0))
+            imp = Impression(schema_version=1, event_id=f"imp-{k}", user_id=f"u{u}", ts=10.0 * k, request_id=f"r{k}",
+                             model_version="m", policy="uniform",
+                             items=[Item(f"i{i}", position=p + 1, propensity=slate / n_items)
+                                    for p, i in enumerate(shown)])
+            batch.append(click_example(imp, imp.items, SHOWN, imp.ts, imp.event_id, 50.0))
             attractive = 1 / (1 + np.exp(-(users[u] @ items[shown].T + bias[shown])))
-            for item, a in zip(imp["items"], attractive):
-                if rng.random() < a / item["position"]:
-                    batch.append(click_example(imp, [item], CLICKED, imp["ts"] + 1, f"c{k}-{item['item_id']}", 50.0))
+            for item, a in zip(imp.items, attractive):
+                if rng.random() < a / item.position:
+                    batch.append(click_example(imp, [item], CLICKED, imp.ts + 1, f"c{k}-{item.item_id}", 50.0))
         yield batch
 
 
@@ -99,8 +101,8 @@ def test_the_learner_scores_each_shown_item_once_with_its_final_label_and_stays_
     shown = clicks = 0
     for messages in _immediate_world(seed=1, n_slates=12_000):
         learner.learn(example_batch(messages))
-        shown += sum(len(m["items"]) for m in messages if m["stage"] == SHOWN)
-        clicks += sum(m["stage"] == CLICKED for m in messages)
+        shown += sum(len(m.items) for m in messages if m.stage == SHOWN)
+        clicks += sum(m.stage == CLICKED for m in messages)
     quality = learner.quality["click"]
     held = len(learner.final_labels)
     assert 0 < held <= 7 * 5  # the slates of the last 60 s are still open
@@ -158,22 +160,22 @@ def test_a_burst_whose_shown_items_all_come_before_their_clicks_is_learned(tmp_p
 
 def test_the_waiting_window_holds_a_slate_until_its_clicks_and_survives_a_restart(tmp_path):
     learner = _tastes_learner(tmp_path)
-    imp = {**IMP, "ts": 0.0}
-    shown = click_example(imp, imp["items"], SHOWN, 0.0, "e1", 50.0)
+    imp = to_event({**IMP, "ts": 0.0})
+    shown = click_example(imp, imp.items, SHOWN, 0.0, "e1", 50.0)
     assert learner.learn(example_batch([shown])) == 0 and len(learner.waiting) == 2
     learner.checkpoint()
     restarted = _tastes_learner(tmp_path)  # the held rows were read, not trained: the checkpoint keeps them
     assert len(restarted.waiting) == 2
-    clicked = click_example(imp, imp["items"][1:], CLICKED, 1.0, "e2", 50.0)
+    clicked = click_example(imp, imp.items[1:], CLICKED, 1.0, "e2", 50.0)
     assert restarted.learn(example_batch([clicked])) == 0  # it labels its waiting item
-    later = click_example({**imp, "request_id": "r2", "ts": 3.0}, imp["items"], SHOWN, 3.0, "e3", 50.0)
+    later = click_example(msgspec.structs.replace(imp, request_id="r2", ts=3.0), imp.items, SHOWN, 3.0, "e3", 50.0)
     assert restarted.learn(example_batch([later])) == 2  # the first slate's window (2 s) has passed
     assert [label for _, label in restarted.final_labels.release(10.0)] == [0.0, 1.0]  # scored with its click
 
 
 def test_a_quiet_stream_s_last_slate_trains_once_event_time_follows_the_wall_clock(tmp_path):
     learner = _tastes_learner(tmp_path)  # attribution window 2 s: the waiting window until delays are known
-    imp = {**IMP, "ts": 0.0}
-    assert learner.learn(example_batch([click_example(imp, imp["items"], SHOWN, 0.0, "e1", 50.0)])) == 0
+    imp = to_event({**IMP, "ts": 0.0})
+    assert learner.learn(example_batch([click_example(imp, imp.items, SHOWN, 0.0, "e1", 50.0)])) == 0
     assert learner.release_waiting(idle_s=1.0) == 0  # the window has not passed
     assert learner.release_waiting(idle_s=2.5) == 2 and len(learner.waiting) == 0

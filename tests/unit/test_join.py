@@ -4,8 +4,10 @@ event-time watermark passes ts + window; every reason a click is not joined; and
 a restart."""
 from __future__ import annotations
 
+import msgspec
 import pytest
 
+from stream.events import Click, Impression, Item, to_event
 from stream.examples import CLICKED, CLOSED, click_example, example_rows
 from stream.worker.join import (
     DUPLICATE,
@@ -21,9 +23,9 @@ WINDOW = 60.0
 
 
 def impression(request_id="r1", ts=T, items=(("a", 0.5), ("b", 0.25), ("c", 0.01)), user_id="u1",
-               event_id=None, model_version="m7", policy="epsilon_greedy") -> dict:
-    """An impression; ``items`` are (item_id, propensity) at positions 1..n."""
-    return {
+               event_id=None, model_version="m7", policy="epsilon_greedy") -> Impression:
+    """An impression (the Struct ``decode`` gives); ``items`` are (item_id, propensity) at positions 1..n."""
+    return to_event({
         "event_id": event_id or f"imp-{request_id}-{ts}",
         "type": "impression",
         "schema_version": 1,
@@ -33,11 +35,12 @@ def impression(request_id="r1", ts=T, items=(("a", 0.5), ("b", 0.25), ("c", 0.01
         "model_version": model_version,
         "policy": policy,
         "items": [{"item_id": i, "position": k + 1, "propensity": p} for k, (i, p) in enumerate(items)],
-    }
+    })
 
 
-def click(item_id, request_id="r1", ts=T + 5.0, user_id="u1", event_id=None) -> dict:
-    return {
+def click(item_id, request_id="r1", ts=T + 5.0, user_id="u1", event_id=None, position=None) -> Click:
+    """A click (the Struct ``decode`` gives); ``position`` is the one the click reports, if any."""
+    event = {
         "event_id": event_id or f"clk-{request_id}-{item_id}-{ts}",
         "type": "click",
         "schema_version": 1,
@@ -46,6 +49,9 @@ def click(item_id, request_id="r1", ts=T + 5.0, user_id="u1", event_id=None) -> 
         "request_id": request_id,
         "item_id": item_id,
     }
+    if position is not None:
+        event["position"] = position
+    return to_event(event)
 
 
 def labels(examples) -> list[tuple[str, str, float]]:
@@ -56,16 +62,16 @@ def labels(examples) -> list[tuple[str, str, float]]:
 def closed_items(examples) -> dict[str, list[str]]:
     """request_id -> the item ids of its ``closed`` message; every message is ``closed`` and a
     slate has at most one."""
-    assert all(e["stage"] == CLOSED for e in examples), [e["stage"] for e in examples]
-    out = {e["request_id"]: [i["item_id"] for i in e["items"]] for e in examples}
+    assert all(e.stage == CLOSED for e in examples), [e.stage for e in examples]
+    out = {e.request_id: [i.item_id for i in e.items] for e in examples}
     assert len(out) == len(examples), "more than one closed message for a slate"
     return out
 
 
 def only_item(example) -> dict:
-    """The one item of a ``clicked`` message."""
-    assert example["stage"] == CLICKED
-    (item,) = example["items"]
+    """The one item of a ``clicked`` message, as a dictionary."""
+    assert example.stage == CLICKED
+    (item,) = msgspec.to_builtins(example.items)
     return item
 
 
@@ -82,7 +88,7 @@ def test_matched_click_is_positive_with_slate_fields(joiner):
     joiner.on_impression(impression())
     outcome, ex = joiner.on_click(click("b", ts=T + 7.5, event_id="c1"))
     assert outcome == MATCHED
-    assert ex == {
+    assert msgspec.to_builtins(ex) == {
         "kind": "click",
         "stage": "clicked",
         "user_id": "u1",
@@ -100,8 +106,8 @@ def test_matched_click_is_positive_with_slate_fields(joiner):
 def test_click_position_comes_from_impression_not_click(joiner):
     """A click reporting a different position still gets the position the impression logged."""
     joiner.on_impression(impression())
-    c = click("c")
-    c["position"] = 1
+    c = click("c", position=1)
+    assert c.position == 1
     outcome, ex = joiner.on_click(c)
     assert outcome == MATCHED
     item = only_item(ex)
@@ -131,9 +137,9 @@ def test_max_weight_is_configurable():
     (1.0, 50.0, 1.0), (0.5, 50.0, 2.0), (0.02, 50.0, 50.0), (0.001, 50.0, 50.0), (0.1, 5.0, 5.0),
 ])
 def test_the_weight_is_the_inverse_propensity_clipped_at_max_weight(propensity, max_weight, expected):
-    item = {"item_id": "a", "position": 1, "propensity": propensity}
-    (weighted,) = click_example(impression(), [item], CLOSED, 0.0, "e", max_weight)["items"]
-    assert weighted["weight"] == expected
+    item = Item("a", position=1, propensity=propensity)
+    (weighted,) = click_example(impression(), [item], CLOSED, 0.0, "e", max_weight).items
+    assert weighted.weight == expected
 
 
 def test_click_exactly_at_window_edge_is_matched(joiner):
@@ -142,7 +148,7 @@ def test_click_exactly_at_window_edge_is_matched(joiner):
     outcome, ex = joiner.on_click(click("a", ts=T + WINDOW))
     assert outcome == MATCHED
     assert only_item(ex)["label"] == 1.0
-    assert ex["ts"] == T + WINDOW
+    assert ex.ts == T + WINDOW
 
 
 # -- negatives and the watermark ------------------------------------------------------------------
@@ -169,7 +175,7 @@ def test_negative_fields_come_from_impression(joiner):
     imp = impression(event_id="imp1")
     joiner.on_impression(imp)
     (closed,) = joiner.advance(T + WINDOW + 1)
-    assert closed == {
+    assert msgspec.to_builtins(closed) == {
         "kind": "click",
         "stage": "closed",
         "user_id": "u1",
@@ -216,7 +222,7 @@ def test_slates_closing_together_give_one_closed_message_each(joiner):
     joiner.on_click(click("a", request_id="r1"))
     closed = joiner.advance(T + 1 + WINDOW + 1)
     assert closed_items(closed) == {"r1": ["b", "c"], "r2": ["x", "y"]}
-    assert sorted((e["request_id"], e["event_id"], e["ts"]) for e in closed) == [("r1", "i1", T), ("r2", "i2", T + 1)]
+    assert sorted((e.request_id, e.event_id, e.ts) for e in closed) == [("r1", "i1", T), ("r2", "i2", T + 1)]
 
 
 def test_fully_clicked_slate_closes_without_negatives(joiner):
@@ -236,10 +242,10 @@ def test_fully_clicked_slate_emits_no_closed_message(joiner):
     joiner.on_impression(impression("r2", items=(("x", 1.0),)))
     clicked = [joiner.on_click(click("a")), joiner.on_click(click("b", ts=T + 6))]
     assert [outcome for outcome, _ in clicked] == [MATCHED, MATCHED]
-    assert [(e["stage"], only_item(e)["item_id"]) for _, e in clicked] == [(CLICKED, "a"), (CLICKED, "b")]
+    assert [(e.stage, only_item(e)["item_id"]) for _, e in clicked] == [(CLICKED, "a"), (CLICKED, "b")]
     closed = joiner.advance(T + WINDOW + 1)
     assert closed_items(closed) == {"r2": ["x"]}
-    assert all(e["items"] for e in closed)
+    assert all(e.items for e in closed)
     assert len(joiner) == 0
     assert joiner.on_click(click("a", ts=T + 7)) == (LATE, None)  # closed, though it said nothing
 
@@ -296,7 +302,7 @@ def test_duplicate_click_gives_one_positive(joiner):
     out1, ex1 = joiner.on_click(click("a", ts=T + 1, event_id="c1"))
     out2, ex2 = joiner.on_click(click("a", ts=T + 2, event_id="c2"))
     assert (out1, out2) == (MATCHED, DUPLICATE)
-    assert ex1["event_id"] == "c1" and ex2 is None
+    assert ex1.event_id == "c1" and ex2 is None
     assert labels([ex1]) == [("r1", "a", 1.0)]
     negs = joiner.advance(T + WINDOW + 1)
     assert closed_items(negs) == {"r1": ["b", "c"]}
@@ -311,11 +317,11 @@ def test_repeated_impression_request_id_keeps_first_slate(joiner):
     assert joiner.on_click(click("x"))[0] == NOT_SHOWN
     _, ex = joiner.on_click(click("b"))
     item = only_item(ex)
-    assert (item["propensity"], item["position"], ex["model_version"]) == (0.25, 2, "first")
+    assert (item["propensity"], item["position"], ex.model_version) == (0.25, 2, "first")
     negs = joiner.advance(T + WINDOW + 1)  # the first slate's deadline, not the second's
     assert closed_items(negs) == {"r1": ["a"]}
     assert labels(negs) == [("r1", "a", 0.0)]
-    assert all(e["model_version"] == "first" and e["ts"] == T for e in negs)
+    assert all(e.model_version == "first" and e.ts == T for e in negs)
 
 
 def test_repeated_impression_after_close_does_not_reopen(joiner):

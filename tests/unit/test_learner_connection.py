@@ -117,11 +117,12 @@ class _Producer:
 
 def test_a_delta_that_cannot_be_sent_is_counted_and_its_rows_go_out_with_the_next(tmp_path):
     from learner.metrics import PUBLISH_FAILURES
+    from stream.events import to_event
     from stream.examples import example_batch, rating_example
 
     learner = _learner(tmp_path)
-    learner.learn(example_batch([rating_example({"user_id": "u", "item_id": "i", "value": 4.0, "ts": 1.0,
-                                                  "event_id": "e1"})]))
+    learner.learn(example_batch([rating_example(to_event({"type": "rating", "schema_version": 1, "user_id": "u",
+                                                          "item_id": "i", "value": 4.0, "ts": 1.0, "event_id": "e1"}))]))
     producer, failures = _Producer(), PUBLISH_FAILURES.labels("delta")._value.get()
     assert not service._published(learner.publish_delta, producer, "delta")
     assert PUBLISH_FAILURES.labels("delta")._value.get() == failures + 1

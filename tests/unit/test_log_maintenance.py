@@ -6,15 +6,16 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from stream.cli import main
+from stream.events import Rating, to_event
 from stream.log.maintenance import compact, vacuum
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog, events_table
 
 HOUR = datetime(2024, 3, 1, 10, tzinfo=timezone.utc).timestamp()
 
 
-def rating(event_id: str, ts: float) -> dict:
-    return {"event_id": event_id, "type": "rating", "schema_version": 1, "user_id": "u", "ts": ts,
-            "item_id": "z", "value": 1.0}
+def rating(event_id: str, ts: float) -> Rating:
+    return to_event({"event_id": event_id, "type": "rating", "schema_version": 1, "user_id": "u", "ts": ts,
+                     "item_id": "z", "value": 1.0})
 
 
 def small_appends(log: DeltaLog, hour_start: float, n: int, first_offset: int = 0) -> None:

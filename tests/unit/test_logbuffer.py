@@ -6,6 +6,7 @@ import doctest
 import pyarrow as pa
 import pytest
 
+from stream.examples import Example, ExampleItem
 from stream.log import buffer as logbuffer
 from stream.log.buffer import LogBuffer
 
@@ -22,12 +23,12 @@ def rows(n: int) -> pa.Table:
     return pa.table({"ts": [float(k) for k in range(n)]})
 
 
-def message(n: int, *, items: int = 1) -> dict:
+def message(n: int, *, items: int = 1) -> Example:
     """An ``examples`` message (``stream.examples.Example``) labelling ``items`` items."""
-    return {"kind": "click", "stage": "closed", "user_id": "u", "request_id": f"r{n}", "model_version": "m",
-            "policy": "greedy", "variant": None, "ts": float(n), "anomalous": False, "event_id": f"e{n}",
-            "items": [{"item_id": f"i{k}", "position": k + 1, "propensity": 1.0, "weight": 1.0, "label": 0.0}
-                      for k in range(items)]}
+    return Example(kind="click", stage="closed", user_id="u", request_id=f"r{n}", model_version="m",
+                   policy="greedy", variant=None, ts=float(n), anomalous=False, event_id=f"e{n}",
+                   items=[ExampleItem(item_id=f"i{k}", position=k + 1, propensity=1.0, weight=1.0, label=0.0, score=None)
+                          for k in range(items)])
 
 
 def test_docstring_example_runs() -> None:

@@ -314,7 +314,7 @@ def joined(events: list[dict], pipeline: IngestPipeline) -> list[dict]:
         messages += pipeline.process([Record(encode(event), partition=0, offset=offset)]).examples
     joiner = pipeline.partition(0).joiner
     messages += joiner.advance(events[-1]["ts"] + 10 * joiner.window_s)
-    assert {m["stage"] for m in messages} == {CLICKED, CLOSED}
+    assert {m.stage for m in messages} == {CLICKED, CLOSED}
     return example_rows(messages).to_pylist()
 
 

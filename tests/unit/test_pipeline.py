@@ -7,6 +7,7 @@ import base64
 import json
 import time
 
+import msgspec
 import pyarrow as pa
 import pytest
 from prometheus_client import REGISTRY
@@ -66,7 +67,7 @@ def summary(examples) -> list[tuple]:
 
 def stages(examples) -> list[tuple]:
     """(stage, request_id, item ids) of every message of ``examples``, sorted: how they are framed."""
-    return sorted((e["stage"], e["request_id"] or "", tuple(i["item_id"] for i in e["items"])) for e in examples)
+    return sorted((e.stage, e.request_id or "", tuple(i.item_id for i in e.items)) for e in examples)
 
 
 def sample(name: str, **labels) -> float:
@@ -257,8 +258,8 @@ def test_negatives_emitted_when_event_time_passes_window():
     result = p.process(records(rat("x2", "z", 1.0, T + 60.5), start=3))
     assert summary(result.examples) == [("click", "r1", "a", 0.0), ("click", "r1", "c", 0.0), ("rating", "", "z", 1.0)]
     assert stages(result.examples) == [("closed", "r1", ("a", "c")), ("rated", "", ("z",))]
-    (closed,) = [e for e in result.examples if e["stage"] == "closed"]
-    assert (closed["ts"], closed["event_id"], closed["user_id"]) == (T, "i1", "u1")
+    (closed,) = [e for e in result.examples if e.stage == "closed"]
+    assert (closed.ts, closed.event_id, closed.user_id) == (T, "i1", "u1")
     negs = by_item(result.examples)
     assert (negs[("r1", "a")]["position"], negs[("r1", "a")]["weight"], negs[("r1", "a")]["ts"]) == (1, 2.0, T)
     assert (negs[("r1", "c")]["position"], negs[("r1", "c")]["propensity"]) == (3, 1.0)
@@ -267,12 +268,12 @@ def test_negatives_emitted_when_event_time_passes_window():
 def test_rating_becomes_example_directly():
     """A rating is an example at once: kind rating, label = value, propensity 1, weight 1, no slate fields."""
     result = IngestPipeline().process(records(rat("r1", "movie", 4, T + 0.25, user_id="u7")))
-    assert result.examples == [{
+    assert msgspec.to_builtins(result.examples) == [{
         "kind": "rating", "stage": "rated", "user_id": "u7", "request_id": None, "model_version": None,
         "policy": None, "variant": None, "ts": T + 0.25, "anomalous": False, "event_id": "r1",
         "items": [{"item_id": "movie", "position": None, "propensity": 1.0, "weight": 1.0, "label": 4.0, "score": None}],
     }]
-    assert isinstance(result.examples[0]["items"][0]["label"], float)
+    assert isinstance(result.examples[0].items[0].label, float)
 
 
 def test_example_metric_labels():
@@ -321,8 +322,8 @@ def test_tick_closes_slates_after_idle_grace(clock):
     result = p.tick()
     assert summary(result.examples) == [("click", "r1", "b", 0.0)]
     assert stages(result.examples) == [("closed", "r1", ("b",))]
-    assert result.examples[0]["items"][0]["weight"] == 4.0
-    assert (result.examples[0]["ts"], result.examples[0]["event_id"]) == (T, "i1")
+    assert result.examples[0].items[0].weight == 4.0
+    assert (result.examples[0].ts, result.examples[0].event_id) == (T, "i1")
     assert p.open_slates == 0
     clock.now += 100
     assert p.tick().examples == []            # closed once
@@ -393,7 +394,7 @@ def test_examples_of_flagged_users_are_marked_anomalous(clock):
     ))
     assert det.batches == [["i1", "i2", "c1", "c2", "x1", "x2"]]
     assert result.anomalies == [{"entity": "user:bad", "score": 9.0}]
-    flags = {(e["user_id"], e["stage"]): e["anomalous"] for e in result.examples}
+    flags = {(e.user_id, e.stage): e.anomalous for e in result.examples}
     assert flags == {("bad", "clicked"): True, ("good", "clicked"): False, ("bad", "rated"): True, ("good", "rated"): False}
     assert len(result.examples) == 4
     clock.now += 100
@@ -463,7 +464,7 @@ def test_restore_closes_open_slates_with_right_negatives(tmp_path):
     assert p2.process(records(rat("y1", "z", 1.0, T + 1800, user_id="u2"), start=10)).examples[1:] == []
     result = p2.process(records(rat("y2", "z", 1.0, T + 1800.5, user_id="u2"), start=11))
     assert stages(result.examples) == [("closed", "r1", ("a", "c")), ("rated", "", ("z",))]
-    negs = by_item(e for e in result.examples if e["kind"] == "click")
+    negs = by_item(e for e in result.examples if e.kind == "click")
     assert sorted(negs) == [("r1", "a"), ("r1", "c")]
     a, c = negs[("r1", "a")], negs[("r1", "c")]
     assert (a["label"], a["position"], a["propensity"], a["weight"]) == (0.0, 1, 0.5, 2.0)
@@ -483,10 +484,10 @@ def test_restore_keeps_clicked_pairs_and_accepts_new_clicks(tmp_path):
     assert result.join_outcomes == {"duplicate_click": 1, "matched": 1}
     assert summary(result.examples) == [("click", "r1", "a", 1.0)]
     assert stages(result.examples) == [("clicked", "r1", ("a",))]
-    assert result.examples[0]["items"][0]["weight"] == 2.0
+    assert result.examples[0].items[0].weight == 2.0
     later = p2.process(records(rat("y2", "z", 1.0, T + 2000), start=12))
-    assert summary(e for e in later.examples if e["kind"] == "click") == [("click", "r1", "c", 0.0)]
-    assert stages(e for e in later.examples if e["kind"] == "click") == [("closed", "r1", ("c",))]
+    assert summary(e for e in later.examples if e.kind == "click") == [("click", "r1", "c", 0.0)]
+    assert stages(e for e in later.examples if e.kind == "click") == [("closed", "r1", ("c",))]
 
 
 def test_restore_then_tick_closes_slates(tmp_path, clock):
@@ -564,6 +565,6 @@ def test_a_restored_slate_keeps_its_ab_variant(tmp_path):
     p2 = IngestPipeline(dedupe_window_s=10_000, attribution_window_s=1800)
     p2.restore(log)
     result = p2.process(records(rat("y9", "z", 1.0, T + 2000), start=5))
-    negatives = [e for e in result.examples if e["kind"] == "click"]
+    negatives = [e for e in result.examples if e.kind == "click"]
     assert stages(negatives) == [("closed", "rv", ("a", "b"))]
     assert {e["variant"] for e in item_rows(negatives)} == {"control"}

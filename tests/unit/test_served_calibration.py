@@ -7,12 +7,13 @@ import time
 
 import numpy as np
 import pytest
+from msgspec import UNSET
 
 from learner.calibration import click_probability, sigmoid
 from learner.service import Learner
 from learner.settings import LearnerSettings
 from stream import events as ev
-from stream.events import encode
+from stream.events import Impression, Item, encode
 from stream.examples import CLICKED, CLOSED, click_example, example_batch
 from stream.worker.pipeline import IngestPipeline, Record
 
@@ -30,17 +31,17 @@ def _served_world(seed: int, n_slates: int, inflation: float, clickiness: float 
     for k in range(first, first + n_slates):
         shown = rng.choice(200, SLATE, replace=False)
         truth = appeal[shown]
-        imp = {"event_id": f"imp-{k}", "user_id": f"u{k % 50}", "ts": float(k), "request_id": f"r{k}",
-               "model_version": "m", "policy": "greedy",
-               "items": [{"item_id": f"i{i}", "position": p + 1, "propensity": 1.0,
-                          "score": float(sigmoid(t + inflation)) if scored else None}
-                         for p, (i, t) in enumerate(zip(shown, truth))]}
+        imp = Impression(schema_version=1, event_id=f"imp-{k}", user_id=f"u{k % 50}", ts=float(k), request_id=f"r{k}",
+                         model_version="m", policy="greedy",
+                         items=[Item(f"i{i}", position=p + 1, propensity=1.0,
+                                     score=float(sigmoid(t + inflation)) if scored else UNSET)
+                                for p, (i, t) in enumerate(zip(shown, truth))])
         clicked = rng.random(SLATE) < clickiness * sigmoid(truth) / np.arange(1, SLATE + 1)
-        batch += [click_example(imp, [item], CLICKED, imp["ts"], f"c{k}-{p}", 50.0)
-                  for p, (item, c) in enumerate(zip(imp["items"], clicked)) if c]
+        batch += [click_example(imp, [item], CLICKED, imp.ts, f"c{k}-{p}", 50.0)
+                  for p, (item, c) in enumerate(zip(imp.items, clicked)) if c]
         if not clicked.all():
-            batch.append(click_example(imp, [i for i, c in zip(imp["items"], clicked) if not c], CLOSED, imp["ts"],
-                                       imp["event_id"], 50.0))
+            batch.append(click_example(imp, [i for i, c in zip(imp.items, clicked) if not c], CLOSED, imp.ts,
+                                       imp.event_id, 50.0))
         if len(batch) >= 500:
             yield batch
             batch = []
@@ -52,9 +53,9 @@ def _closed_late(messages: list, lag_s: float) -> list:
     slate; the last ``lag_s`` of slates have not closed yet."""
     out, late = [], []
     for message in messages:
-        while late and late[0]["ts"] + lag_s <= message["ts"]:
+        while late and late[0].ts + lag_s <= message.ts:
             out.append(late.pop(0))
-        (late if message["stage"] == CLOSED else out).append(message)
+        (late if message.stage == CLOSED else out).append(message)
     return out
 
 
@@ -72,7 +73,7 @@ def test_the_published_calibration_maps_served_scores_to_the_observed_ctr_per_po
     for start in range(0, len(arrived), 500):
         learner.learn(example_batch(arrived[start:start + 500]))
     settled = n_slates - lag_s - 1500  # the last 1,500 slates whose negatives have arrived
-    rows = example_batch([m for m in messages if settled <= m["ts"] < n_slates - lag_s]).rows
+    rows = example_batch([m for m in messages if settled <= m.ts < n_slates - lag_s]).rows
     served = rows["score"].to_numpy()
     positions, labels = rows["position"].to_numpy(), rows["label"].to_numpy()
     logits = np.log(served) - np.log1p(-served)
@@ -100,7 +101,7 @@ def test_the_worker_carries_each_shown_item_s_score_into_its_example_and_through
     restored.assign(0, log, until_offset=0)
     for pipeline in (live, restored):
         (closed,) = pipeline.partition(0).joiner.advance(now + 61)
-        assert [(i["item_id"], i["score"]) for i in closed["items"]] == [("a", 0.7), ("b", None)]
+        assert [(i.item_id, i.score) for i in closed.items] == [("a", 0.7), ("b", None)]
 
 
 def test_outcomes_of_slates_served_without_a_model_leave_the_published_calibration(tmp_path):
@@ -114,7 +115,7 @@ def test_outcomes_of_slates_served_without_a_model_leave_the_published_calibrati
     for messages in (before, after):
         for start in range(0, len(messages), 500):
             learner.learn(example_batch(messages[start:start + 500]))
-    rows = example_batch([m for m in after if m["ts"] >= 3100]).rows
+    rows = example_batch([m for m in after if m.ts >= 3100]).rows
     served = rows["score"].to_numpy()
     predicted = click_probability(*learner.click_calibration(), np.log(served) - np.log1p(-served),
                                   rows["position"].to_numpy())

@@ -16,7 +16,7 @@ from serving.ab_monitor import VariantQuality
 from serving.cli import add_arguments, variants_from_args
 from serving.metrics import ServingMetrics
 from serving.variants import MAX_VARIANTS, Assignment, Variant, VariantError, parse_variant, parse_variants
-from stream.events import ValidationError, validate
+from stream.events import ValidationError, to_event, validate
 from stream.examples import CLICKED, CLOSED, click_example, example_rows
 
 USERS = [f"user-{j}" for j in range(40_000)]
@@ -151,13 +151,14 @@ def test_an_impression_variant_must_be_a_short_nonempty_string(variant, reason, 
 def test_an_impression_may_carry_a_variant_and_its_examples_carry_it_on():
     assert validate(impression(variant="model"), now=1.7e9) == []
     assert validate(impression(), now=1.7e9) == []
-    imp = impression(variant="model", items=[{"item_id": "a", "position": 1, "propensity": 1.0},
-                                             {"item_id": "b", "position": 2, "propensity": 0.5}])
-    example = click_example(imp, imp["items"], CLOSED, ts=imp["ts"], event_id=imp["event_id"], max_weight=50.0)
-    assert example["variant"] == "model"
+    imp = to_event(impression(variant="model", items=[{"item_id": "a", "position": 1, "propensity": 1.0},
+                                                      {"item_id": "b", "position": 2, "propensity": 0.5}]))
+    example = click_example(imp, imp.items, CLOSED, ts=imp.ts, event_id=imp.event_id, max_weight=50.0)
+    assert example.variant == "model"
     assert example_rows([example]).column("variant").to_pylist() == ["model", "model"]  # on every item's row
-    example = click_example(impression(), impression()["items"], CLICKED, ts=1.7e9, event_id="c1", max_weight=50.0)
-    assert example["variant"] is None
+    plain = to_event(impression())
+    example = click_example(plain, plain.items, CLICKED, ts=1.7e9, event_id="c1", max_weight=50.0)
+    assert example.variant is None
     assert example_rows([example]).column("variant").to_pylist() == [None]
 
 
