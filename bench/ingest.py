@@ -23,6 +23,9 @@ while the pipeline ran (``steal`` in /proc/stat), to say how noisy it was.
 ``examples_messages_per_event`` counts the worker's messages on ``examples`` per event it read;
 ``pipeline_events_per_s_per_core`` divides the events it processed by the CPU seconds its process
 used meanwhile (user + system), which the other processes on the machine affect less than wall time.
+``broker_cpu_us_per_event`` is the broker's CPU time per event while each peer ran (the raw peer
+only reads; the fan-out peer and the pipeline also write an ``examples`` message per event): the
+broker shares the machine's cores with the peer it serves (None with an external broker).
 
 The log's cost: ``log_commits`` flushes, each ``log_commit_ms_p50`` / ``log_commit_ms_p99`` of wall
 time (data files and commits of both tables, from the worker's ``streamrec_log_commit_seconds``
@@ -55,6 +58,7 @@ from stream.examples import CLICKED, CLOSED, Example, click_example
 from stream.log.table import EVENTS, EXAMPLES, DeltaLog
 from stream.topics import Topics
 from stream.tools.kafka_local import broker_for_run, free_port
+from stream.tools.kafka_local import status as kafka_status
 from stream.tools.scrape import Samples, scrape, total
 from stream.worker.output import BatchSender
 from stream.tools.processes import spawn, stop
@@ -82,27 +86,47 @@ async def _started_consumer(bootstrap: str, topic: str, name: str) -> AIOKafkaCo
     return consumer
 
 
-async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object]) -> float:
+class _Span:
+    """From the first batch a peer received to its end: its events per second, and the broker's
+    CPU seconds per event meanwhile (None without the broker's pid)."""
+
+    def __init__(self, n: int, broker_pid: int | None) -> None:
+        self.n, self.broker_pid = n, broker_pid
+        self.first: float | None = None
+
+    def start(self) -> None:
+        if self.first is None:
+            self.first, self._broker = time.perf_counter(), process_cpu_seconds(self.broker_pid)
+
+    def end(self) -> tuple[float, float | None]:
+        rate = self.n / (time.perf_counter() - self.first)
+        broker = process_cpu_seconds(self.broker_pid) - self._broker
+        return rate, None if self.broker_pid is None else broker / self.n
+
+
+async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object],
+                       broker_pid: int | None) -> tuple[float, float | None]:
     consumer = await _started_consumer(bootstrap, topic, "raw")
+    span = _Span(n, broker_pid)
     try:
         seen = 0
-        first = None
         while seen < n:
             batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
             for records in batches.values():
-                if first is None:
-                    first = time.perf_counter()
+                span.start()
                 for record in records:
                     loads(record.value)
                 seen += len(records)
-        return n / (time.perf_counter() - first)
+        return span.end()
     finally:
         await consumer.stop()
 
 
-def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object] = orjson.loads) -> float:
-    """Events per second of a raw aiokafka consumer that only decodes JSON (with ``loads``)."""
-    return asyncio.run(_raw_consume(bootstrap, topic, n, loads))
+def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object] = orjson.loads,
+                broker_pid: int | None = None) -> tuple[float, float | None]:
+    """Events per second of a raw aiokafka consumer that only decodes JSON (with ``loads``), and
+    the broker's CPU seconds per event meanwhile."""
+    return asyncio.run(_raw_consume(bootstrap, topic, n, loads, broker_pid))
 
 
 # The examples the worker sends (``stream.examples``: one message per outcome), ids as long as
@@ -125,17 +149,18 @@ def _closed(size: int) -> Example:
     return _CLOSED[size]
 
 
-async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
+async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int,
+                          broker_pid: int | None) -> tuple[float, float | None]:
     consumer = await _started_consumer(bootstrap, topic, "fanout")
     sender = BatchSender(bootstrap)
+    span = _Span(n, broker_pid)
     try:
         seen = 0
-        first = None
         acknowledged = None
         while seen < n:
             batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-            if first is None and batches:
-                first = time.perf_counter()
+            if batches:
+                span.start()
             messages = []
             for records in batches.values():
                 for record in records:
@@ -148,16 +173,18 @@ async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) ->
                 await acknowledged  # as in the worker: the next batch is read while this one is acknowledged
             acknowledged = sent
         await acknowledged
-        return n / (time.perf_counter() - first)
+        return span.end()
     finally:
         await consumer.stop()
         await sender.stop()
 
 
-def fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int) -> float:
+def fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int,
+                   broker_pid: int | None = None) -> tuple[float, float | None]:
     """Events per second of a consumer that decodes every event and sends its examples' worth of
-    fixed messages to ``out_topic`` (the pipeline's Kafka traffic without its logic)."""
-    return asyncio.run(_fanout_consume(bootstrap, topic, out_topic, n))
+    fixed messages to ``out_topic`` (the pipeline's Kafka traffic without its logic), and the
+    broker's CPU seconds per event meanwhile."""
+    return asyncio.run(_fanout_consume(bootstrap, topic, out_topic, n, broker_pid))
 
 
 def _after_last_flush(port: int, settle_s: float = 8.0) -> Samples:
@@ -198,10 +225,11 @@ def histogram_quantile(samples: Samples, name: str, q: float) -> float | None:
     return lower_bound
 
 
-def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool,
-                     timeout_s: float) -> tuple[float, float, float, Samples]:
+def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly: bool, timeout_s: float,
+                     broker_pid: int | None = None) -> tuple[float, float, float | None, float, Samples]:
     """Run ``streamrec worker`` over the topic; return (events per second, events per CPU second
-    of the worker, its peak RSS in MB, its metrics once its last flush is committed)."""
+    of the worker, the broker's CPU seconds per event meanwhile (None without ``broker_pid``), the
+    worker's peak RSS in MB, its metrics once its last flush is committed)."""
     port = free_port()
     proc = spawn(workdir, "worker", "worker", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix,
                  "--log-dir", str(workdir / "log"), "--web-port", str(port), *(() if anomaly else ("--no-anomaly",)))
@@ -217,23 +245,28 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
             done = _events_seen(port)
             bar.update(done - bar.n)
             if done > 0 and first_t is None:
-                first_t, first_n, first_cpu = time.perf_counter(), done, _cpu_seconds(proc.pid)
+                first_t, first_n, first_cpu = time.perf_counter(), done, process_cpu_seconds(proc.pid)
+                first_broker = process_cpu_seconds(broker_pid)
             time.sleep(0.05)
         bar.close()
         rate = (n - first_n) / (time.perf_counter() - first_t)
-        per_core = (n - first_n) / max(_cpu_seconds(proc.pid) - first_cpu, 1e-9)
+        per_core = (n - first_n) / max(process_cpu_seconds(proc.pid) - first_cpu, 1e-9)
+        broker = None if broker_pid is None else (process_cpu_seconds(broker_pid) - first_broker) / (n - first_n)
         samples = _after_last_flush(port)
         peak_kb = 0
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peak_kb = int(line.split()[1])
-        return rate, per_core, peak_kb / 1024, samples
+        return rate, per_core, broker, peak_kb / 1024, samples
     finally:
         stop(proc)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of a process so far (/proc/<pid>/stat)."""
+def process_cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU seconds of a process so far, all its threads (/proc/<pid>/stat); 0
+    without a pid."""
+    if pid is None:
+        return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -254,18 +287,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     n = 30_000 if args.quick else args.events
     prefix = f"bench{uuid.uuid4().hex[:8]}."
-    with broker_for_run(partitions=args.partitions) as bootstrap, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, broker_for_run(Path(tmp) / "kafka", args.partitions) as bootstrap:
+        broker = kafka_status(Path(tmp) / "kafka")  # None when KAFKA_BOOTSTRAP_SERVERS names another
+        broker_pid = None if broker is None else broker.pid
         topics = Topics(prefix)
         ensure_topics(bootstrap, args.partitions, topics)
         produce_rate = produce(bootstrap, topics.events, n, args.seed)
-        raw = raw_consume(bootstrap, topics.events, n)
-        raw_stdlib = raw_consume(bootstrap, topics.events, n, json.loads)
+        raw, raw_broker = raw_consume(bootstrap, topics.events, n, broker_pid=broker_pid)
+        raw_stdlib, _ = raw_consume(bootstrap, topics.events, n, json.loads)
         fanout_topics = Topics(prefix + "fanout.")  # its own examples topic, configured like the worker's
         ensure_topics(bootstrap, args.partitions, fanout_topics)
-        fanout = fanout_consume(bootstrap, topics.events, fanout_topics.examples, n)
+        fanout, fanout_broker = fanout_consume(bootstrap, topics.events, fanout_topics.examples, n, broker_pid)
         with StolenCpu() as stolen:
-            pipeline, per_core, peak_rss, samples = pipeline_consume(bootstrap, prefix, n, Path(tmp), args.anomaly,
-                                                                     args.timeout)
+            pipeline, per_core, pipeline_broker, peak_rss, samples = pipeline_consume(
+                bootstrap, prefix, n, Path(tmp), args.anomaly, args.timeout, broker_pid)
         messages = sum(end_offsets(bootstrap, topics.examples).values())
         log = DeltaLog(Path(tmp) / "log")
         files = log.data_files(EVENTS) + log.data_files(EXAMPLES)
@@ -276,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
         "raw_stdlib_json_events_per_s": round(raw_stdlib, 1),
         "ratio": round(pipeline / raw, 3),
         "pipeline_events_per_s_per_core": round(per_core, 1),
+        "broker_cpu_us_per_event": {name: None if value is None else round(value * 1e6, 1) for name, value in
+                                    (("raw", raw_broker), ("fanout", fanout_broker), ("pipeline", pipeline_broker))},
         "examples_messages_per_event": round(messages / n, 3),
         "fanout_events_per_s": round(fanout, 1),
         "fanout_ratio": round(fanout / raw, 3),

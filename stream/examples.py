@@ -175,6 +175,58 @@ def example_batch(examples: Sequence[Example]) -> ExampleBatch:
     return ExampleBatch(rows, message)
 
 
+def batch_rows(examples: Sequence[Example], shown_from: dict[int, int], events: pa.Table,
+               max_weight: float) -> pa.Table:
+    """``example_rows(examples)``, built without reading the items of ``shown`` outcomes one by one.
+
+    ``shown_from`` maps the index of each ``shown`` example to the first row of its impression in
+    ``events`` (the batch's log rows, ``stream.log.table.events_table``: one row per shown item, in
+    slate order). A ``shown`` outcome labels every item of its slate, so its rows are the
+    impression's rows, taken by Arrow, with the label, stage and the weight
+    ``min(1 / propensity, max_weight)`` computed in columns; the other outcomes are read from
+    their Structs. Under ``immediate`` feedback that is all but a few rows of a batch.
+    """
+    if not shown_from:
+        return example_rows(examples)
+    shown_messages = np.fromiter(shown_from, np.int64, len(shown_from))
+    others = np.ones(len(examples), bool)
+    others[shown_messages] = False
+    other_rows = example_rows([e for e, other in zip(examples, others) if other])
+    counts = np.fromiter((len(examples[m].items) for m in shown_from), np.int64, len(shown_from))
+    taken = _ranges(np.fromiter(shown_from.values(), np.int64, len(shown_from)), counts)
+    shown = events.select(_FROM_EVENT_ROWS).take(taken)
+    n = len(taken)
+    inverse = pc.divide(1.0, shown.column("propensity"))
+    columns = {name: shown.column(name) for name in _FROM_EVENT_ROWS}
+    columns.update(
+        label=pa.repeat(pa.scalar(CLICK_LABELS[SHOWN]), n),
+        weight=pc.if_else(pc.less(max_weight, inverse), max_weight, inverse),
+        kind=pa.repeat(pa.scalar(CLICK), n),
+        anomalous=pa.array(np.repeat([examples[m].anomalous for m in shown_from], counts)),
+        stage=pa.repeat(pa.scalar(SHOWN), n),
+    )
+    shown_rows = pa.table([columns[f] for f in EXAMPLE_ROW_FIELDS], schema=EXAMPLE_ROWS_SCHEMA)
+    if not other_rows.num_rows:
+        return shown_rows
+    # Back to message order: the rows of message i start where its kind's rows before it end.
+    rows = np.fromiter((len(e.items) for e in examples), np.int64, len(examples))
+    shown_mask = ~others
+    start = np.where(shown_mask, np.cumsum(np.where(shown_mask, rows, 0)),
+                     n + np.cumsum(np.where(others, rows, 0))) - rows
+    return pa.concat_tables([shown_rows, other_rows]).take(_ranges(start, rows))
+
+
+# The columns of a ``shown`` outcome's rows that are its impression's log rows as they stand.
+_FROM_EVENT_ROWS = ("user_id", "item_id", "position", "propensity", "model_version", "request_id", "ts", "policy",
+                    "event_id", "variant", "score")
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of ``range(start, start + count)`` for each pair, without a Python loop."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - ends + counts, counts) + np.arange(ends[-1] if len(ends) else 0)
+
+
 def decode_examples(values: Sequence[bytes | None]) -> ExampleBatch:
     """A batch of ``examples`` messages as Kafka delivered them (JSON), decoded in columns by
     Arrow. A message that is not an example (not JSON, a field of the wrong type, no item list)

@@ -15,14 +15,13 @@ from typing import Callable
 
 import pyarrow as pa
 
-from stream.examples import Example, count_rows
 
 
 @dataclass
 class Pending:
     """What one flush writes and then commits."""
 
-    examples: list[Example] = field(default_factory=list)  # messages; their rows are ``example_rows``
+    examples: list[pa.Table] = field(default_factory=list)  # rows of the ``examples`` table
     events: list[pa.Table] = field(default_factory=list)
     offsets: dict = field(default_factory=dict)  # topic partition -> next offset to consume
     rows: int = 0
@@ -31,12 +30,9 @@ class Pending:
 class LogBuffer:
     """Accumulates batches until a flush is due (by size or by age).
 
-    >>> from stream.events import rating, to_event
-    >>> from stream.examples import rating_example
     >>> clock = iter([0.0, 1.0, 9.0]).__next__
     >>> buffer = LogBuffer(flush_rows=100, flush_interval_s=5.0, clock=clock)
-    >>> example = rating_example(to_event(rating("u1", "i1", 4.0, ts=1.0, event_id="e1")))
-    >>> buffer.add([example], pa.table({"ts": [1.0, 2.0]}), {"p0": 7})     # clock: 0.0
+    >>> buffer.add(pa.table({"label": [4.0]}), pa.table({"ts": [1.0, 2.0]}), {"p0": 7})   # clock: 0.0
     >>> buffer.due()                                                       # clock: 1.0
     False
     >>> buffer.due()                                                       # clock: 9.0
@@ -58,16 +54,17 @@ class LogBuffer:
     def __len__(self) -> int:
         return self._pending.rows
 
-    def add(self, examples: list[Example], events: pa.Table, offsets: dict) -> None:
-        """Buffer one batch's examples and event rows; ``offsets`` are the batch's next offsets."""
+    def add(self, examples: pa.Table, events: pa.Table, offsets: dict) -> None:
+        """Buffer one batch's example rows and event rows; ``offsets`` are the batch's next offsets."""
         pending = self._pending
-        if self._since is None and (examples or events.num_rows or offsets):
+        if self._since is None and (examples.num_rows or events.num_rows or offsets):
             self._since = self._clock()
-        pending.examples += examples
+        if examples.num_rows:
+            pending.examples.append(examples)
         if events.num_rows:
             pending.events.append(events)
         pending.offsets.update(offsets)
-        pending.rows += count_rows(examples) + events.num_rows
+        pending.rows += examples.num_rows + events.num_rows
 
     def due(self) -> bool:
         """True when the buffer holds ``flush_rows`` rows or has waited ``flush_interval_s``."""

@@ -54,10 +54,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from stream.worker import metrics
 from stream.config import StreamSettings, state_dir
 from stream.topics import Topics
-from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog
+from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, EXAMPLES_SCHEMA, DeltaLog
 from stream.log.buffer import LogBuffer, Pending
 from stream.log.maintenance import compact
-from stream.examples import example_rows
 from stream.worker.output import BatchSender
 from stream.worker.pipeline import AnomalyDetector, BatchResult, IngestPipeline
 
@@ -134,7 +133,7 @@ class Worker:
     async def publish(self, result: BatchResult) -> None:
         """Send a result that covers no offsets (the idle timer's) and buffer its log rows."""
         await self.deliver(result)
-        self.buffer.add(result.examples, result.log_table, {})
+        self.buffer.add(result.example_rows, result.log_table, {})
 
     async def flush(self, pending: Pending, commit: Callable[[dict], Awaitable[None]], final: bool = False) -> None:
         """Append buffered rows and their offsets to the log (in a thread, retried until it
@@ -170,7 +169,8 @@ class Worker:
         offsets = {(tp.topic, tp.partition): next_offset - 1 for tp, next_offset in pending.offsets.items()}
         events = pa.concat_tables(pending.events) if pending.events else EVENTS_SCHEMA.empty_table()
         self.log.append(EVENTS, events, offsets, self.group_id)
-        self.log.append(EXAMPLES, example_rows(pending.examples), offsets, self.group_id)
+        examples = pa.concat_tables(pending.examples) if pending.examples else EXAMPLES_SCHEMA.empty_table()
+        self.log.append(EXAMPLES, examples, offsets, self.group_id)
 
     @property
     def detector_dir(self) -> Path:
@@ -401,7 +401,7 @@ class IngestService(Service):
 
     async def _settle(self, acknowledged: asyncio.Future, result: BatchResult, offsets: dict, started: float) -> None:
         await acknowledged
-        self.worker.buffer.add(result.examples, result.log_table, offsets)
+        self.worker.buffer.add(result.example_rows, result.log_table, offsets)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
 

@@ -32,8 +32,8 @@ from stream.worker.dedupe import DedupeWindow
 from stream.log.table import EVENTS, EVENTS_SCHEMA, EXAMPLES, DeltaLog, events_table
 from stream.events import (DEFAULT_MAX_FUTURE_S, EVENT_TYPE, SCHEMA_VERSION, Event, Impression, InvalidEvent, Item,
                            decode)
-from stream.examples import (CLICK, CLICK_LABELS, CLOSED, FEEDBACK_PROTOCOLS, NEGATIVE, RATED, RATING, WAIT, Example,
-                             label_name, rating_example)
+from stream.examples import (CLICK, CLICK_LABELS, CLOSED, EXAMPLE_ROWS_SCHEMA, FEEDBACK_PROTOCOLS, NEGATIVE, RATED,
+                             RATING, WAIT, Example, batch_rows, example_rows, label_name, rating_example)
 from stream.worker.join import MATCHED, ImpressionJoiner
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ class BatchResult:
 
     log_table: pa.Table = field(default_factory=EVENTS_SCHEMA.empty_table)
     examples: list[Example] = field(default_factory=list)
+    example_rows: pa.Table = field(default_factory=EXAMPLE_ROWS_SCHEMA.empty_table)  # the examples' log rows
     dlq: list[tuple[bytes | None, dict]] = field(default_factory=list)
     anomalies: list[dict] = field(default_factory=list)
     accepted: int = 0
@@ -200,6 +201,8 @@ class IngestPipeline:
         partitions: list[int] = []
         offsets: list[int] = []
         examples = out.examples
+        shown_from: dict[int, int] = {}  # index of a ``shown`` example -> the first log row of its impression
+        log_rows = 0  # rows of the accepted events so far (``events_table``: one per shown item, else one)
         dlq_reasons: Counter = Counter()
         types: Counter = Counter()
         now, max_future_s = time.time(), self.max_future_s  # the validating clock, read once a batch
@@ -230,14 +233,18 @@ class IngestPipeline:
             if kind == "impression":
                 shown = joiner.on_impression(event)
                 if shown is not None:
+                    shown_from[len(examples)] = log_rows
                     examples.append(shown)
-            elif kind == "click":
-                outcome, example = joiner.on_click(event)
-                out.join_outcomes[outcome] += 1
-                if example is not None:
-                    examples.append(example)
+                log_rows += len(event.items)
             else:
-                examples.append(rating_example(event))
+                log_rows += 1
+                if kind == "click":
+                    outcome, example = joiner.on_click(event)
+                    out.join_outcomes[outcome] += 1
+                    if example is not None:
+                        examples.append(example)
+                else:
+                    examples.append(rating_example(event))
         out.accepted = len(accepted)
         if accepted:
             out.log_table = events_table(accepted, partitions, offsets)
@@ -250,6 +257,7 @@ class IngestPipeline:
         if self.detector is not None and accepted:
             out.anomalies = self._detect(accepted, partitions)
         self._finish_examples(examples)
+        out.example_rows = batch_rows(examples, shown_from, out.log_table, self.max_weight)
         _count(metrics.EVENTS, types)
         _count(metrics.DLQ, dlq_reasons)
         _count(metrics.UNJOINED_CLICKS, {k: v for k, v in out.join_outcomes.items() if k != MATCHED})
@@ -289,6 +297,7 @@ class IngestPipeline:
             if len(state.joiner) and idle >= self.idle_grace_s and state.last_event_ts > float("-inf"):
                 out.examples += state.joiner.advance(state.last_event_ts + idle)
         self._finish_examples(out.examples)
+        out.example_rows = example_rows(out.examples)
         return out
 
     def _finish_examples(self, examples: list[Example]) -> None:

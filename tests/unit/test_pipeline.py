@@ -568,3 +568,30 @@ def test_a_restored_slate_keeps_its_ab_variant(tmp_path):
     negatives = [e for e in result.examples if e.kind == "click"]
     assert stages(negatives) == [("closed", "rv", ("a", "b"))]
     assert {e["variant"] for e in item_rows(negatives)} == {"control"}
+
+
+@pytest.mark.parametrize("feedback", ["immediate", "wait"])
+def test_a_batch_s_log_rows_are_its_examples_rows_in_message_order(clock, feedback):
+    """``BatchResult.example_rows`` (``shown`` outcomes taken from the impressions' log rows in
+    columns) equals the rows read from the example Structs: values, weights, scores, variants,
+    anomaly flags and message order, over a batch that mixes every stage, with the items of one
+    slate scored and of another not."""
+    scored = imp("i3", "r3", T + 1, [("a", 0.01), ("c", 0.3)], user_id="bad")
+    for item, score in zip(scored["items"], (0.25, 0.5)):
+        item["score"] = score
+    scored["variant"] = "B"
+    p = IngestPipeline(attribution_window_s=60, detector=FakeDetector({"bad"}), feedback=feedback, clock=clock)
+    result = p.process(records(
+        imp("i1", "r1", T, [("a", 0.5), ("b", 0.02), ("c", 1.0)]),
+        clk("c1", "r1", "b", T + 1),
+        rat("x1", "z", 4.5, T + 1),
+        scored,
+        imp("i1", "r1", T, [("a", 0.5)]),  # a duplicate: no row
+        clk("c2", "r3", "c", T + 2, user_id="bad"),
+        imp("i4", "r4", T + 100, [("d", 0.125)], user_id="good"),  # closes r1 and r3 under wait
+    ))
+    stages_sent = [e.stage for e in result.examples]
+    assert ("shown" in stages_sent) == (feedback == "immediate") and "clicked" in stages_sent
+    assert ("closed" in stages_sent) == (feedback == "wait")
+    assert result.example_rows.equals(example_rows(result.examples))
+    assert result.example_rows.num_rows == sum(len(e.items) for e in result.examples)
