@@ -38,13 +38,13 @@ from stream.events.schema import (
     SCHEMA_PATH,
     SCHEMA_VERSION,
 )
-from stream.events.model import EVENT_TYPE, Click, Event, Impression, Item, Rating, json_schema, schema_text, unset_to_none
+from stream.events.model import EVENT_TYPE, Click, Event, Impression, Item, Rating, json_schema, schema_text
 from stream.events.validation import validate
 
 __all__ = [
     "DEFAULT_MAX_FUTURE_S", "EVENT_TYPES", "MAX_EVENT_BYTES", "MAX_ID_CHARS", "MAX_POSITION", "MAX_SLATE",
     "MAX_TS", "POLICIES", "REASONS", "SCHEMA_PATH", "SCHEMA_VERSION",
     "InvalidEvent", "Problem", "ValidationError", "EVENT_TYPE", "Click", "Event", "Impression", "Item", "Rating",
-    "to_event", "unset_to_none",
+    "to_event",
     "click", "decode", "encode", "impression", "json_schema", "new_event_id", "rating", "schema_text", "validate",
 ]

@@ -105,31 +105,28 @@ Event = Impression | Click | Rating
 # the contract's fields, in the classes above. A parsed event is an instance of a subclass here:
 # read it by ``isinstance`` or ``EVENT_TYPE`` and compare events by their fields
 # (``msgspec.to_builtins``), since msgspec's ``==`` also compares the class.
-class _ClosedItem(Item, forbid_unknown_fields=True):
-    pass
+class ClosedItem(Item, forbid_unknown_fields=True):
+    """A shown item with no field beyond the contract's."""
 
 
-class _ClosedImpression(Impression, tag="impression", forbid_unknown_fields=True):
-    items: Annotated[list[_ClosedItem], Meta(min_length=1, max_length=MAX_SLATE)]
+class ClosedImpression(Impression, tag="impression", forbid_unknown_fields=True):
+    """An impression with no field beyond the contract's, in its items too."""
+
+    items: Annotated[list[ClosedItem], Meta(min_length=1, max_length=MAX_SLATE)]
 
 
-class _ClosedClick(Click, tag="click", forbid_unknown_fields=True):
-    pass
+class ClosedClick(Click, tag="click", forbid_unknown_fields=True):
+    """A click with no field beyond the contract's."""
 
 
-class _ClosedRating(Rating, tag="rating", forbid_unknown_fields=True):
-    pass
+class ClosedRating(Rating, tag="rating", forbid_unknown_fields=True):
+    """A rating with no field beyond the contract's."""
 
 
-ClosedEvent = _ClosedImpression | _ClosedClick | _ClosedRating
+ClosedEvent = ClosedImpression | ClosedClick | ClosedRating
 # The ``type`` of an event by its class (msgspec keeps the tag on the class, not the instance).
 EVENT_TYPE: dict[type, str] = {cls: cls.__struct_config__.tag for cls in (
-    Impression, Click, Rating, _ClosedImpression, _ClosedClick, _ClosedRating)}
-
-
-def unset_to_none(value: Any) -> Any:
-    """An optional field's value, None where the event left it out."""
-    return None if value is UNSET else value
+    Impression, Click, Rating, ClosedImpression, ClosedClick, ClosedRating)}
 
 
 def json_schema() -> dict:

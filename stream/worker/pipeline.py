@@ -64,7 +64,7 @@ class AnomalyDetector(Protocol):
     def describe(self) -> str: ...
 
 
-class Message(Protocol):
+class ConsumedRecord(Protocol):
     """What the pipeline reads of a Kafka message: ``Record`` here, or aiokafka's ``ConsumerRecord``
     as the consumer returns it (the worker passes those on without copying them)."""
 
@@ -77,7 +77,7 @@ class Message(Protocol):
 
 @dataclass
 class Record:
-    """One Kafka message as the worker received it (a ``Message``)."""
+    """One Kafka message as the worker received it (a ``ConsumedRecord``)."""
 
     value: bytes | None
     partition: int
@@ -100,7 +100,7 @@ class BatchResult:
     join_outcomes: Counter = field(default_factory=Counter)
 
 
-def dlq_message(record: Message, error: InvalidEvent) -> dict:
+def dlq_message(record: ConsumedRecord, error: InvalidEvent) -> dict:
     """The dead-letter record: reason, detail, the raw bytes (base64) and where they came from."""
     raw = record.value if record.value is not None else b""
     return {
@@ -195,7 +195,7 @@ class IngestPipeline:
     def remembered_ids(self) -> int:
         return sum(len(state.dedupe) for state in self.partitions.values())
 
-    def process(self, records: Sequence[Message]) -> BatchResult:
+    def process(self, records: Sequence[ConsumedRecord]) -> BatchResult:
         out = BatchResult()
         accepted: list[Event] = []
         partitions: list[int] = []
