@@ -3,9 +3,9 @@
 Produces N events (a realistic mix from ``sim.sources.synthetic_events``) into the broker, then
 measures in the same run:
 
-- ``raw``: an aiokafka consumer that only fetches and decodes every message with ``orjson.loads``,
-  the parser the pipeline's fast path uses (``raw_stdlib_json`` repeats it with ``json.loads``,
-  the peer of earlier runs, for comparison);
+- ``raw``: an aiokafka consumer that only fetches and decodes every message with ``orjson.loads``
+  into a dict (the worker parses into msgspec Structs instead; ``raw_stdlib_json`` repeats it
+  with ``json.loads``, the peer of earlier runs, for comparison);
 - ``fanout``: the same consumer, which also sends one ``examples`` message per event (the
   ``closed`` outcome of an impression, with an item per shown item; the ``clicked`` or ``rated``
   outcome of a click or rating), built from fixed examples and sent through the worker's own

@@ -11,6 +11,9 @@ workers: ``assign`` rebuilds it from the log rows of that partition, ``revoke`` 
 next assignment reuses or drops it, and a lagging partition's slates are closed by its own event
 time, never by another partition's. The detector's learned models and flags are the worker's,
 over all its partitions.
+
+Events are the contract's msgspec Structs (``stream.events.decode`` parses each once) and a
+batch's log rows are built in columns. Measurements of this hot path: docs/worker.md.
 """
 from __future__ import annotations
 
