@@ -17,8 +17,8 @@ learner's prequential figures stay honest. Before any fit $a_k = 0$ and $b = 1$:
 is the click model's own.
 
 >>> rng = np.random.default_rng(0)
->>> logits = rng.normal(-1.0, 1.0, 20000); positions = rng.integers(1, 4, 20000)
->>> clicks = rng.random(20000) < (1.0 / positions) / (1.0 + np.exp(-logits))
+>>> logits = rng.normal(-1.0, 1.0, 10000); positions = rng.integers(1, 4, 10000)   # one window
+>>> clicks = rng.random(10000) < (1.0 / positions) / (1.0 + np.exp(-logits))
 >>> cal = PositionCalibration(max_position=3)
 >>> cal.update(logits, positions, clicks)
 >>> p = cal.predict(logits, positions)

@@ -1,9 +1,12 @@
 """Click probabilities at a position (learner.calibration): calibrated per position whatever the logits' scale."""
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 
+from learner import calibration
 from learner.calibration import PositionCalibration, click_probability
 
 
@@ -79,3 +82,7 @@ def test_a_new_calibration_is_fitted_after_100_outcomes_and_then_as_they_double(
     for _ in range(80):
         cal.update(np.zeros(50), np.ones(50, dtype=int), np.zeros(50))
     assert fits == [100, 200, 400, 800, 1600, 2600, 3600]
+
+
+def test_docstring_example_runs() -> None:
+    assert doctest.testmod(calibration).failed == 0
