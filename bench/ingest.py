@@ -87,27 +87,28 @@ async def _started_consumer(bootstrap: str, topic: str, name: str) -> AIOKafkaCo
 
 
 class _Span:
-    """From the first batch a peer received to its end: its events per second, and the broker's
-    CPU seconds per event meanwhile (None without the broker's pid)."""
+    """From the first batch a peer received to its end: events per second, and the broker's CPU
+    seconds per event meanwhile (None without the broker's pid)."""
 
-    def __init__(self, n: int, broker_pid: int | None) -> None:
-        self.n, self.broker_pid = n, broker_pid
+    def __init__(self, broker_pid: int | None) -> None:
+        self.broker_pid = broker_pid
         self.first: float | None = None
 
     def start(self) -> None:
         if self.first is None:
             self.first, self._broker = time.perf_counter(), process_cpu_seconds(self.broker_pid)
 
-    def end(self) -> tuple[float, float | None]:
-        rate = self.n / (time.perf_counter() - self.first)
+    def end(self, events: float) -> tuple[float, float | None]:
+        """The rate of ``events`` processed since ``start``, and the broker's CPU per event."""
+        rate = events / (time.perf_counter() - self.first)
         broker = process_cpu_seconds(self.broker_pid) - self._broker
-        return rate, None if self.broker_pid is None else broker / self.n
+        return rate, None if self.broker_pid is None else broker / events
 
 
 async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], object],
                        broker_pid: int | None) -> tuple[float, float | None]:
     consumer = await _started_consumer(bootstrap, topic, "raw")
-    span = _Span(n, broker_pid)
+    span = _Span(broker_pid)
     try:
         seen = 0
         while seen < n:
@@ -117,7 +118,7 @@ async def _raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[byte
                 for record in records:
                     loads(record.value)
                 seen += len(records)
-        return span.end()
+        return span.end(n)
     finally:
         await consumer.stop()
 
@@ -153,7 +154,7 @@ async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int,
                           broker_pid: int | None) -> tuple[float, float | None]:
     consumer = await _started_consumer(bootstrap, topic, "fanout")
     sender = BatchSender(bootstrap)
-    span = _Span(n, broker_pid)
+    span = _Span(broker_pid)
     try:
         seen = 0
         acknowledged = None
@@ -173,7 +174,7 @@ async def _fanout_consume(bootstrap: str, topic: str, out_topic: str, n: int,
                 await acknowledged  # as in the worker: the next batch is read while this one is acknowledged
             acknowledged = sent
         await acknowledged
-        return span.end()
+        return span.end(n)
     finally:
         await consumer.stop()
         await sender.stop()
@@ -234,7 +235,7 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
     proc = spawn(workdir, "worker", "worker", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix,
                  "--log-dir", str(workdir / "log"), "--web-port", str(port), *(() if anomaly else ("--no-anomaly",)))
     try:
-        first_t = first_n = None
+        span, first_n = _Span(broker_pid), None
         deadline = time.monotonic() + timeout_s
         bar = tqdm(total=n, desc="pipeline", unit="ev", file=sys.stderr, mininterval=1.0)
         done = 0.0
@@ -244,14 +245,13 @@ def pipeline_consume(bootstrap: str, prefix: str, n: int, workdir: Path, anomaly
                 raise RuntimeError(f"the worker stopped or stalled; its log ends:\n{tail}")
             done = _events_seen(port)
             bar.update(done - bar.n)
-            if done > 0 and first_t is None:
-                first_t, first_n, first_cpu = time.perf_counter(), done, process_cpu_seconds(proc.pid)
-                first_broker = process_cpu_seconds(broker_pid)
+            if done > 0 and first_n is None:
+                span.start()
+                first_n, first_cpu = done, process_cpu_seconds(proc.pid)
             time.sleep(0.05)
         bar.close()
-        rate = (n - first_n) / (time.perf_counter() - first_t)
+        rate, broker = span.end(n - first_n)
         per_core = (n - first_n) / max(process_cpu_seconds(proc.pid) - first_cpu, 1e-9)
-        broker = None if broker_pid is None else (process_cpu_seconds(broker_pid) - first_broker) / (n - first_n)
         samples = _after_last_flush(port)
         peak_kb = 0
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():

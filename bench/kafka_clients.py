@@ -173,7 +173,8 @@ def example_payload() -> dict:
     """The ``closed`` outcome of a 6-item slate, as the worker sends it to ``examples`` (811 bytes)."""
     items = [{"item_id": f"i{k:05d}", "position": k + 1, "propensity": 0.125} for k in range(6)]
     slate = impression("u000123", "0" * 32, "synthetic-v1", "epsilon_greedy", items, ts=1.7e9, event_id="0" * 32)
-    example = click_example(to_event(slate), to_event(slate).items, CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
+    parsed = to_event(slate)
+    example = click_example(parsed, parsed.items, CLOSED, ts=1.7e9, event_id="0" * 32, max_weight=50.0)
     return msgspec.to_builtins(example)
 
 

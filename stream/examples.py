@@ -188,11 +188,11 @@ def batch_rows(examples: Sequence[Example], shown_from: dict[int, int], events: 
     """
     if not shown_from:
         return example_rows(examples)
-    shown_messages = np.fromiter(shown_from, np.int64, len(shown_from))
-    others = np.ones(len(examples), bool)
-    others[shown_messages] = False
-    other_rows = example_rows([e for e, other in zip(examples, others) if other])
-    counts = np.fromiter((len(examples[m].items) for m in shown_from), np.int64, len(shown_from))
+    rows = np.fromiter((len(e.items) for e in examples), np.int64, len(examples))  # per message
+    shown_mask = np.zeros(len(examples), bool)
+    shown_mask[np.fromiter(shown_from, np.int64, len(shown_from))] = True
+    other_rows = example_rows([e for e, shown in zip(examples, shown_mask) if not shown])
+    counts = rows[shown_mask]  # ``shown_from`` is in message order
     taken = _ranges(np.fromiter(shown_from.values(), np.int64, len(shown_from)), counts)
     shown = events.select(_FROM_EVENT_ROWS).take(taken)
     n = len(taken)
@@ -209,10 +209,8 @@ def batch_rows(examples: Sequence[Example], shown_from: dict[int, int], events: 
     if not other_rows.num_rows:
         return shown_rows
     # Back to message order: the rows of message i start where its kind's rows before it end.
-    rows = np.fromiter((len(e.items) for e in examples), np.int64, len(examples))
-    shown_mask = ~others
     start = np.where(shown_mask, np.cumsum(np.where(shown_mask, rows, 0)),
-                     n + np.cumsum(np.where(others, rows, 0))) - rows
+                     n + np.cumsum(np.where(shown_mask, 0, rows))) - rows
     return pa.concat_tables([shown_rows, other_rows]).take(_ranges(start, rows))
 
 
